@@ -1,0 +1,185 @@
+"""The ``file`` protocol driver: a host file or block device.
+
+Reads use ``preadv`` into the caller's buffer (short reads past the end give zeros), writes
+``pwritev``; write-zeroes and discard punch holes or zero ranges with ``fallocate``; block
+status comes from ``SEEK_DATA``/``SEEK_HOLE``; flush is ``fdatasync``. A file node grows when
+written past its end, as qcow2 needs of its container.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+import threading
+
+from pyfleece.block.node import Extent, HostMapping, Node
+from pyfleece.block.options import Options
+from pyfleece.block.registry import OpenContext, register
+from pyfleece.errors import BlockError, ImageError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with mode flags, which ``os`` does not expose."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class FileNode(Node):
+    driver = "file"
+    growable = True
+
+    def __init__(self, node_name: str, filename: str, *, read_only: bool) -> None:
+        super().__init__(node_name, read_only=read_only)
+        self.filename = filename
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(filename, flags)
+        except OSError as err:
+            raise ImageError(f"Could not open '{filename}': {os.strerror(err.errno or 5)}") from err
+        st = os.fstat(self.fd)
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        if not (stat.S_ISREG(st.st_mode) or self.is_block_device):
+            os.close(self.fd)
+            raise ImageError(f"'{filename}' is not a file or a block device")
+        self._size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block_device else st.st_size
+        self._size_lock = threading.Lock()
+        self._punch_ok = not self.is_block_device
+        self._zero_range_ok = True
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def refresh_size(self) -> int:
+        """Re-reads the size from the host (another process may have changed it)."""
+        self._size = os.lseek(self.fd, 0, os.SEEK_END)
+        return self._size
+
+    def _readinto(self, offset: int, buf: memoryview) -> None:
+        want = len(buf)
+        done = 0
+        while done < want:
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:
+                buf[done:] = bytes(want - done)
+                return
+            done += n
+
+    def _write(self, offset: int, data: memoryview, fua: bool) -> None:
+        done = 0
+        total = len(data)
+        while done < total:
+            done += os.pwritev(self.fd, [data[done:]], offset + done)
+        self._grew_to(offset + total)
+        if fua:
+            os.fdatasync(self.fd)
+
+    def _grew_to(self, end: int) -> None:
+        if end > self._size:
+            with self._size_lock:
+                self._size = max(self._size, end)
+
+    def _write_zeroes(self, offset: int, length: int, may_unmap: bool, fua: bool) -> None:
+        end = min(offset + length, self._size)
+        if offset < end and self._zero_in_place(offset, end - offset, may_unmap):
+            if offset + length > self._size:
+                super()._write_zeroes(self._size, offset + length - self._size, may_unmap, fua)
+            elif fua:
+                os.fdatasync(self.fd)
+            return
+        super()._write_zeroes(offset, length, may_unmap, fua)
+
+    def _zero_in_place(self, offset: int, length: int, may_unmap: bool) -> bool:
+        """Zeroes a range inside the file without writing buffers; False if unsupported."""
+        modes = []
+        if may_unmap and self._punch_ok:
+            modes.append(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
+        if self._zero_range_ok:
+            modes.append(_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE)
+        for mode in modes:
+            try:
+                fallocate(self.fd, mode, offset, length)
+                return True
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                if mode & _FALLOC_FL_PUNCH_HOLE:
+                    self._punch_ok = False
+                else:
+                    self._zero_range_ok = False
+        return False
+
+    def can_fast_zero(self) -> bool:
+        return self._punch_ok or self._zero_range_ok
+
+    def _discard(self, offset: int, length: int) -> None:
+        end = min(offset + length, self._size)
+        if offset >= end or not self._punch_ok:
+            return
+        try:
+            fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, end - offset)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self._punch_ok = False
+
+    def _flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def _block_status(self, offset: int, length: int) -> Extent:
+        size = self._size
+        if offset >= size:
+            return Extent(offset, length, False, True, True, 0, offset)
+        end = min(offset + length, size)
+        try:
+            data_at = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # nothing but a hole up to the end
+                return Extent(offset, end - offset, False, True, True, 0, offset)
+            if err.errno == errno.EINVAL:  # SEEK_DATA unsupported: all data
+                return Extent(offset, end - offset, True, False, True, 0, offset)
+            raise
+        if data_at > offset:
+            return Extent(offset, min(data_at, end) - offset, False, True, True, 0, offset)
+        hole_at = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        return Extent(offset, min(hole_at, end) - offset, True, False, True, 0, offset)
+
+    def _host_map(self, offset: int, length: int) -> HostMapping | None:
+        avail = self._size - offset
+        if avail <= 0:
+            return None
+        return HostMapping(self.fd, offset, min(length, avail))
+
+    def _truncate(self, size: int) -> None:
+        if self.is_block_device:
+            if size != self._size:
+                raise BlockError(errno.ENOTSUP, "cannot resize a block device")
+            return
+        os.ftruncate(self.fd, size)
+        with self._size_lock:
+            self._size = size
+
+    def _close(self) -> None:
+        os.close(self.fd)
+
+
+@register("file")
+@register("host_device")
+def _open_file(opts: Options, name: str, ctx: OpenContext) -> Node:
+    filename = opts.get_str("filename")
+    for legacy in ("locking", "x-check-cache-dropped", "pr-manager"):
+        opts.raw(legacy, None)
+    opts.finish()
+    return FileNode(name, filename, read_only=ctx.read_only)

@@ -1,0 +1,116 @@
+"""Opening nodes from blockdev options: the driver table and the child-reference rules.
+
+Options have QEMU's ``blockdev-add`` shape: ``{"driver": "qcow2", "node-name": "disk",
+"file": {"driver": "file", "filename": "a.qcow2"}, "backing": "base"}``. A child given as a
+dict is opened on the spot and owned by its parent (closed with it); a child given as a
+string names a node already in the graph, which the parent then references.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pyfleece.block.options import Options
+from pyfleece.errors import ConfigError, NodeNotFound
+
+if TYPE_CHECKING:
+    from pyfleece.block.graph import Graph
+    from pyfleece.block.node import Node
+
+
+@dataclass
+class OpenContext:
+    """What a driver's opener may use besides its own options.
+
+    Attributes:
+        graph: where string references to other nodes are looked up (None: none allowed).
+        read_only: open for reading only; children inherit it unless they say otherwise.
+        chain: real paths of the image files already open along this backing chain, so
+            that a chain that loops back on itself is refused.
+    """
+
+    graph: Graph | None = None
+    read_only: bool = False
+    chain: tuple[str, ...] = field(default_factory=tuple)
+
+
+Opener = Callable[[Options, str, OpenContext], "Node"]
+
+_DRIVERS: dict[str, Opener] = {}
+_names = itertools.count(1)
+_names_lock = threading.Lock()
+
+#: How many images deep a backing chain may go before we call it hostile.
+MAX_CHAIN_DEPTH = 64
+
+
+def register(name: str) -> Callable[[Opener], Opener]:
+    """Decorator: registers ``opener(options, node_name, ctx)`` for driver ``name``."""
+
+    def deco(fn: Opener) -> Opener:
+        _DRIVERS[name] = fn
+        return fn
+
+    return deco
+
+
+def drivers() -> list[str]:
+    _load_drivers()
+    return sorted(_DRIVERS)
+
+
+def auto_node_name() -> str:
+    """A generated node name, in QEMU's style (names starting with '#' are reserved)."""
+    with _names_lock:
+        return f"#block{next(_names):03d}"
+
+
+def open_node(options: dict[str, Any], ctx: OpenContext | None = None) -> Node:
+    """Opens a node (and its children) from blockdev-add-shaped options.
+
+    Raises:
+        ConfigError: unknown driver, missing or unknown options.
+        ImageError: the image cannot be used.
+        BlockError, OSError-derived errors: the file cannot be opened.
+    """
+    _load_drivers()
+    ctx = ctx or OpenContext()
+    opts = Options(options, "Block node")
+    driver = opts.get_str("driver")
+    opener = _DRIVERS.get(driver)
+    if opener is None:
+        raise ConfigError(f"Unknown driver '{driver}'")
+    opts.where = f"Block format '{driver}'"
+    name = opts.get_str("node-name", None) or auto_node_name()
+    read_only = opts.get_bool("read-only", ctx.read_only)
+    for ignored in ("cache", "aio", "discard", "detect-zeroes", "auto-read-only", "force-share"):
+        opts.raw(ignored, None)
+    sub_ctx = OpenContext(ctx.graph, read_only, ctx.chain)
+    return opener(opts, name, sub_ctx)
+
+
+def open_child(value: Any, ctx: OpenContext, role: str) -> tuple[Node, bool]:
+    """Resolves a child reference: a node name in the graph, or options to open.
+
+    Returns:
+        The node, and whether the parent owns it (True when opened here).
+    """
+    if isinstance(value, str):
+        if ctx.graph is None:
+            raise ConfigError(f"Cannot refer to node '{value}' here ({role})")
+        node = ctx.graph.find(value)
+        if node is None:
+            raise NodeNotFound(f"Cannot find device='' nor node-name='{value}'")
+        return node, False
+    if isinstance(value, dict):
+        return open_node(value, ctx), True
+    raise ConfigError(f"Invalid parameter type for '{role}', expected: BlockdevRef")
+
+
+def _load_drivers() -> None:
+    """Imports the driver modules, whose decorators fill the table."""
+    import pyfleece.block.drivers  # noqa: F401  (its imports register every driver)
