@@ -74,8 +74,7 @@ def validate(opts: CreateOptions) -> None:
     if opts.extended_l2:
         if cs < 16384:
             raise ConfigError(
-                "Extended L2 entries are only supported with cluster sizes of at least "
-                "16384 bytes"
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
             )
         raise ConfigError("pyfleece does not support extended L2 entries (extended_l2=on)")
     if opts.backing_format and not opts.backing_file:
@@ -104,8 +103,7 @@ def validate(opts: CreateOptions) -> None:
     cluster_bits = cs.bit_length() - 1
     if opts.size < 0 or l1_entries_needed(opts.size, cluster_bits) * 8 > MAX_L1_BYTES:
         raise ConfigError(
-            "The image size is too large for file format 'qcow2' "
-            "(try using a larger cluster size)"
+            "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
         )
 
 
