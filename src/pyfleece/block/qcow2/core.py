@@ -19,9 +19,9 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
 
 from pyfleece.block.node import Extent, Node
 from pyfleece.block.qcow2.compress import decompress_cluster
@@ -52,13 +52,17 @@ def zero_fill(view: memoryview) -> None:
         view[start:end] = _ZEROS[: end - start]
 
 
-class _Free(NamedTuple):
-    """Clusters whose reference was dropped, released once durable and unused."""
+class _Frees:
+    """Runs of clusters whose reference was dropped, to be released once the table change
+    is durable (write-back generation ``gen``) and no request that started up to tracker
+    sequence number ``seq`` is still in flight. ``runs`` holds (first, count) pairs."""
 
-    first: int
-    clusters: int
-    gen: int  # the write-back generation that makes the table change durable
-    seq: int  # requests up to this tracker sequence number may still use the old mapping
+    __slots__ = ("gen", "runs", "seq")
+
+    def __init__(self, gen: int, seq: int) -> None:
+        self.gen = gen
+        self.seq = seq
+        self.runs = array("Q")
 
 
 class Qcow2Core(Node):
@@ -95,7 +99,7 @@ class Qcow2Core(Node):
                 protected.append((header.snapshots_offset, self.cluster_size))
             self.rc = Refcounts(file, header, cache_bytes=refcount_cache, protected=protected)
         self._busy: set[int] = set()
-        self._pending: list[_Free] = []
+        self._pending: list[_Frees] = []
         self._gen = 0
         self._durable_gen = -1
 
@@ -259,7 +263,15 @@ class Qcow2Core(Node):
 
     def _free_later(self, first: int, count: int, mark: int | None = None) -> None:
         seq = self._grace_mark() if mark is None else mark
-        self._pending.append(_Free(first, count, self._gen, seq))
+        last = self._pending[-1] if self._pending else None
+        if last is None or last.gen != self._gen or last.seq != seq:
+            last = _Frees(self._gen, seq)
+            self._pending.append(last)
+        runs = last.runs
+        if runs and runs[-2] + runs[-1] == first:
+            runs[-1] += count
+        else:
+            runs.extend((first, count))
 
     def _apply_frees(self) -> None:
         """Releases the deferred frees that are durable and no longer in use (under _lock)."""
@@ -268,11 +280,13 @@ class Qcow2Core(Node):
         seqs = [r.seq for r in self.tracker.in_flight() if r.kind is not ReqKind.FLUSH]
         oldest = min(seqs, default=1 << 62)
         keep = []
-        for free in self._pending:
-            if free.gen <= self._durable_gen and free.seq < oldest:
-                self.rc.release(free.first, free.clusters)
-            else:
-                keep.append(free)
+        for frees in self._pending:
+            if frees.gen > self._durable_gen or frees.seq >= oldest:
+                keep.append(frees)
+                continue
+            runs = frees.runs
+            for i in range(0, len(runs), 2):
+                self.rc.release(runs[i], runs[i + 1])
         self._pending = keep
 
     # -- write-back and flush -----------------------------------------------------------------

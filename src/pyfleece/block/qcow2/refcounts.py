@@ -128,8 +128,7 @@ class Refcounts:
             run = block.free_run(at, min(epb, at + count))
             first = base + at
             self._check_unprotected(first, run)
-            for i in range(at, at + run):
-                block.set(i, 1)
+            block.add(at, at + run, 1)
             self.free_hint = first + run
             self.top = max(self.top, first + run)
             return first, run
@@ -140,15 +139,24 @@ class Refcounts:
         Raises:
             CorruptImage: a refcount is already 0.
         """
-        mask = (1 << self.epb_bits) - 1
-        for cluster in range(first, first + count):
-            block = self._block(cluster >> self.epb_bits)
-            value = block.get(cluster & mask) if block is not None else 0
-            if block is None or value == 0:
-                raise CorruptImage(f"qcow2: refcount of cluster {cluster} would drop below 0")
-            block.set(cluster & mask, value - 1)
-            if value == 1:
-                self.free_hint = min(self.free_hint, cluster)
+        epb = 1 << self.epb_bits
+        end = first + count
+        while first < end:
+            index, at = first >> self.epb_bits, first & (epb - 1)
+            stop = min(epb, at + end - first)
+            block = self._block(index)
+            if block is None:
+                raise CorruptImage(f"qcow2: refcount of cluster {first} would drop below 0")
+            try:
+                low = block.add(at, stop, -1)
+            except CorruptImage as err:
+                raise CorruptImage(
+                    f"qcow2: a refcount in clusters {first}..{first + stop - at - 1} "
+                    "would drop below 0"
+                ) from err
+            if low == 0:
+                self.free_hint = min(self.free_hint, first)
+            first += stop - at
 
     def _check_unprotected(self, first: int, count: int) -> None:
         start = first << self.cluster_bits

@@ -92,6 +92,28 @@ class RefBlock:
             self._codec.set(self._data, index, value)
         self.dirty = True
 
+    def add(self, start: int, stop: int, delta: int) -> int:
+        """Adds ``delta`` to the refcounts in [start, stop); returns the new minimum.
+
+        Raises:
+            CorruptImage: a refcount would leave its range (nothing is changed then).
+        """
+        values = self._values
+        if values is None:
+            new = [self._codec.get(self._data, i) + delta for i in range(start, stop)]
+        else:
+            new = [v + delta for v in values[start:stop]]
+        low, high = min(new), max(new)
+        if low < 0 or high > self._codec.max:
+            raise CorruptImage(f"qcow2: refcount {low if low < 0 else high} out of range")
+        if values is not None:
+            values[start:stop] = array(values.typecode, new)
+        else:
+            for i, value in enumerate(new, start):
+                self._codec.set(self._data, i, value)
+        self.dirty = True
+        return low
+
     def next_free(self, start: int, stop: int) -> int:
         """The first index in [start, stop) whose refcount is 0, or -1."""
         if self._values is not None:
