@@ -1,5 +1,6 @@
 """Imports every driver module, so that each registers itself with the registry."""
 
 from pyfleece.block import fault, file, memory, null, raw
+from pyfleece.block.qcow2 import driver as qcow2
 
-__all__ = ["fault", "file", "memory", "null", "raw"]
+__all__ = ["fault", "file", "memory", "null", "qcow2", "raw"]

@@ -481,3 +481,131 @@ class RefcountCodec:
         shift = (index % per_byte) * bits
         pos = index // per_byte
         block[pos] = (block[pos] & ~(self.max << shift) & 0xFF) | (value << shift)
+
+
+# -- L2 entries -----------------------------------------------------------------------------
+
+
+class Cluster(IntEnum):
+    """What a standard (non-extended) L2 entry describes ("Cluster mapping")."""
+
+    UNALLOCATED = 0  # reads from the backing file (zeros without one)
+    ZERO_PLAIN = 1  # reads as zeros, no host cluster
+    ZERO_ALLOC = 2  # reads as zeros, keeps a (preallocated) host cluster
+    NORMAL = 3  # data in the host cluster
+    COMPRESSED = 4  # compressed data, see decode_compressed
+
+
+def l2_kind(entry: int) -> Cluster:
+    """Classifies an L2 entry; alignment is checked by ``l2_host``."""
+    if entry & OFLAG_COMPRESSED:
+        return Cluster.COMPRESSED
+    host = entry & OFFSET_MASK
+    if entry & OFLAG_ZERO:
+        return Cluster.ZERO_ALLOC if host else Cluster.ZERO_PLAIN
+    return Cluster.NORMAL if host else Cluster.UNALLOCATED
+
+
+def l2_host(entry: int, cluster_bits: int) -> int:
+    """The host offset of a standard entry.
+
+    Raises:
+        CorruptImage: the offset is not aligned to a cluster.
+    """
+    host = entry & OFFSET_MASK
+    if host & ((1 << cluster_bits) - 1):
+        raise CorruptImage(f"qcow2: cluster allocation offset {host:#x} unaligned")
+    return host
+
+
+def compressed_clusters(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """Host clusters a compressed entry holds a reference on: (first index, count).
+
+    The referenced range is the sectors of the descriptor, as ``qemu-img check`` counts it.
+    """
+    desc = decode_compressed(entry, cluster_bits)
+    start = desc.host_offset & ~511
+    end = desc.host_offset + desc.length
+    first = start >> cluster_bits
+    return first, ((end - 1) >> cluster_bits) - first + 1
+
+
+# -- bitmaps extension and directory (section "Bitmap directory") ----------------------------
+
+
+class BitmapFlag(IntFlag):
+    IN_USE = 1 << 0
+    AUTO = 1 << 1
+    EXTRA_DATA_COMPATIBLE = 1 << 2
+
+
+# Bitmap directory entry: bitmap_table_offset u64 | bitmap_table_size u32 | flags u32 |
+#  type u8 | granularity_bits u8 | name_size u16 | extra_data_size u32 |
+#  extra_data | name | padding to 8 bytes
+BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
+BITMAP_FLAGS_OFFSET = 12  # where ``flags`` lies inside an entry
+MAX_BITMAPS = 65535
+#: QEMU's limit on the directory size: 1 KiB per bitmap.
+MAX_BITMAP_DIRECTORY = MAX_BITMAPS * 1024
+
+
+@dataclass(frozen=True)
+class BitmapsExtension:
+    nb_bitmaps: int
+    directory_size: int
+    directory_offset: int
+
+
+@dataclass(frozen=True)
+class BitmapEntry:
+    """One bitmap directory entry; ``position`` is its byte offset inside the directory."""
+
+    position: int
+    table_offset: int
+    table_size: int
+    flags: int
+    type: int
+    granularity_bits: int
+    name: str
+
+
+def decode_bitmaps_extension(data: bytes, cluster_size: int) -> BitmapsExtension:
+    """Decodes and validates the bitmaps header extension.
+
+    Raises:
+        CorruptImage: the extension is malformed or out of QEMU's limits.
+    """
+    if len(data) < BITMAPS_EXTENSION.size:
+        raise CorruptImage(f"qcow2: bitmaps extension is too short ({len(data)} bytes)")
+    nb, _reserved, size, offset = BITMAPS_EXTENSION.unpack_from(data)
+    if not 1 <= nb <= MAX_BITMAPS:
+        raise CorruptImage(f"qcow2: invalid number of bitmaps ({nb})")
+    if size > MAX_BITMAP_DIRECTORY or size < nb * BITMAP_DIR_ENTRY.size:
+        raise CorruptImage(f"qcow2: invalid bitmap directory size ({size})")
+    if offset == 0 or offset % cluster_size:
+        raise CorruptImage(f"qcow2: invalid bitmap directory offset {offset:#x}")
+    return BitmapsExtension(nb, size, offset)
+
+
+def decode_bitmap_directory(data: bytes, nb_bitmaps: int) -> list[BitmapEntry]:
+    """Decodes ``nb_bitmaps`` entries from the directory bytes.
+
+    Raises:
+        CorruptImage: an entry overruns the directory or is malformed.
+    """
+    entries = []
+    pos = 0
+    for _ in range(nb_bitmaps):
+        if pos + BITMAP_DIR_ENTRY.size > len(data):
+            raise CorruptImage("qcow2: bitmap directory entry overruns the directory")
+        table_off, table_size, flags, kind, gran, name_size, extra = BITMAP_DIR_ENTRY.unpack_from(
+            data, pos
+        )
+        name_at = pos + BITMAP_DIR_ENTRY.size + extra
+        end = align_up(name_at + name_size, 8)
+        if name_size == 0 or end > len(data):
+            raise CorruptImage("qcow2: bitmap directory entry overruns the directory")
+        name = _cstring(bytes(data[name_at : name_at + name_size]), "bitmap name")
+        entries.append(BitmapEntry(pos, table_off, table_size, flags, kind, gran, name))
+        pos = end
+    return entries
