@@ -19,9 +19,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pyfleece.block.image import open_image
+from pyfleece.block.image import QCOW2_MAGIC, is_uri, open_image
 from pyfleece.block.node import Node
-from pyfleece.errors import BlockError, PyfleeceError
+from pyfleece.errors import BlockError, ImageError, PyfleeceError
 
 PROG = "pyfleece img"
 TRY_HELP = f"Try '{PROG} --help' for more information"
@@ -47,7 +47,6 @@ class Fail(Exception):
 
 def report(message: str) -> None:
     """Prints an error the way qemu-img does: ``<program>: <message>``."""
-    sys.stdout.flush()
     sys.stderr.write(f"{PROG}: {message}\n")
     sys.stderr.flush()
 
@@ -179,6 +178,18 @@ def qjson(value: Any) -> str:
 # -- opening images ------------------------------------------------------------------------
 
 
+def probe(filename: str) -> str | None:
+    """The format qemu-img would detect: qcow2 needs its magic, a version of at least 2
+    and a whole header; anything else is raw. None for names that are not files."""
+    if filename.startswith("json:") or is_uri(filename):
+        return None
+    with open(filename, "rb") as f:
+        head = f.read(2048)
+    if len(head) >= 112 and head[:4] == QCOW2_MAGIC and int.from_bytes(head[4:8], "big") >= 2:
+        return "qcow2"
+    return "raw"
+
+
 def open_node(
     filename: str, fmt: str | None, *, read_only: bool = True, no_backing: bool = False
 ) -> Node:
@@ -187,7 +198,14 @@ def open_node(
     Raises:
         PyfleeceError, OSError: the image cannot be opened.
     """
-    extra: dict[str, Any] | None = {"backing": None} if no_backing else None
+    if fmt is None:
+        try:
+            fmt = probe(filename)
+        except OSError as err:
+            raise ImageError(f"Could not open '{filename}': {os.strerror(err.errno or 5)}") from err
+    extra: dict[str, Any] | None = None
+    if no_backing and fmt == "qcow2":
+        extra = {"backing": None}
     return open_image(filename, fmt, read_only=read_only, extra=extra)
 
 
