@@ -235,3 +235,18 @@ def describe(err: BaseException) -> str:
     if isinstance(err, OSError) and err.errno is not None:
         return os.strerror(err.errno)
     return str(err)
+
+
+def allocated_size(node: Node) -> int | None:
+    """Bytes the image's storage occupies on the host: the sum over its data files."""
+    fd = getattr(node, "fd", None)
+    if isinstance(fd, int):
+        return os.fstat(fd).st_blocks * 512
+    total = None
+    for role in ("file", "data-file"):
+        child = node.child(role)
+        if child is not None:
+            size = allocated_size(child)
+            if size is not None:
+                total = (total or 0) + size
+    return total

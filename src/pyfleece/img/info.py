@@ -9,12 +9,12 @@ the image's files occupy), ``format-specific``, the backing names and ``dirty-fl
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pyfleece.block.node import Node
 from pyfleece.img.common import (
     Fail,
+    allocated_size,
     open_for,
     output_format,
     parse_args,
@@ -102,21 +102,6 @@ def image_info(node: Node, filename: str) -> dict[str, Any]:
     if callable(describe):
         info.update(describe())
     return info
-
-
-def allocated_size(node: Node) -> int | None:
-    """Bytes the image's storage occupies on the host: the sum over its data files."""
-    fd = getattr(node, "fd", None)
-    if isinstance(fd, int):
-        return os.fstat(fd).st_blocks * 512
-    total = None
-    for role in ("file", "data-file"):
-        child = node.child(role)
-        if child is not None:
-            size = allocated_size(child)
-            if size is not None:
-                total = (total or 0) + size
-    return total
 
 
 def human(info: dict[str, Any]) -> str:

@@ -675,3 +675,21 @@ def repair_dirty(file: Node, *, log: Log | None = None) -> CheckResult:
             f"{res.check_errors} errors remain"
         )
     return res
+
+
+def count_referenced(file: Node, header: Header, limit: int) -> int:
+    """How many host clusters of the file have a nonzero refcount, counting up to ``limit``.
+
+    QEMU uses this to guess whether an image had its metadata preallocated (it then looks
+    at the file's holes when reporting block status); ``pyfleece img map`` does the same.
+    """
+    img = _Image(file, header)
+    count = 0
+    for cluster in range(-(-file.size // img.cs)):
+        if count >= limit:
+            break
+        try:
+            count += img.refcount(cluster) != 0
+        except CorruptImage:
+            break
+    return count
