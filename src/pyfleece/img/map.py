@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from pyfleece.block.node import Extent, Node
 from pyfleece.block.qcow2.check import count_referenced
+from pyfleece.block.qcow2.format import Header
 from pyfleece.errors import PyfleeceError
 from pyfleece.img.common import (
     INT64_MAX,
@@ -213,7 +214,7 @@ class Mapper:
     def _guess(layer: Node) -> bool:
         header = getattr(layer, "header", None)
         file = layer.child("file")
-        if header is None or file is None:
+        if not isinstance(header, Header) or file is None:
             return True
         real = allocated_size(file)
         if real is None:
