@@ -565,71 +565,100 @@ def _rebuild_and_recount(img: _Image, checker: _Checker, fix: Fix, log: Log) -> 
 def rebuild_refcounts(img: _Image, refs: array[int]) -> None:
     """Writes a new refcount structure holding ``refs`` and switches the header to it.
 
-    New refcount blocks and the table go into clusters ``refs`` shows unreferenced (the
-    old structure is counted in ``refs``, so it stays intact until the header switches);
-    they count themselves. The old structure is left behind as leaks.
+    The old structure is counted in ``refs``, so it stays intact until the header
+    switches; afterwards it is left behind as leaks.
+    """
+    img.header = write_refcount_structure(img.file, img.header, refs)
+    img.reftable_offset = img.header.refcount_table_offset
+    entries = img.header.refcount_table_clusters * img.cs // 8
+    img.reftable = img._read_u64s(img.reftable_offset, entries)
+    img.blocks.clear()
+
+
+def write_refcount_structure(file: Node, header: Header, refs: array[int]) -> Header:
+    """Writes refcount blocks and a table holding ``refs[cluster]`` for each host cluster,
+    then points the header at them; returns the header as it now is.
+
+    The new blocks and table go, first fit, into clusters ``refs`` shows unreferenced, and
+    count themselves. They are written and synced before the header's refcount-table
+    fields change (one synced write), so a crash leaves either structure in force.
+    ``convert`` also uses this to give the qcow2 images it writes their refcounts.
     """
     refs = array("Q", refs)
-    per = img.rb_entries
+    cb, cs = header.cluster_bits, header.cluster_size
+    per = 1 << (cb + 3 - header.refcount_order)
     blocks: dict[int, int] = {}
-    table_start, table_clusters = -1, 0
+    table_start, table_clusters = 0, 0
+    cursor = [0]
     while True:
         changed = False
         for index in range(-(-len(refs) // per)):
             if index not in blocks and any(refs[index * per : (index + 1) * per]):
-                blocks[index] = _alloc(refs, 1)
+                blocks[index] = _alloc(refs, 1, cursor)
                 changed = True
-        entries = -(-(max(blocks) + 1) // (img.cs // 8)) * (img.cs // 8)
-        if entries * 8 // img.cs != table_clusters:
+        entries = -(-(max(blocks) + 1) // (cs // 8)) * (cs // 8)
+        if entries * 8 // cs != table_clusters:
             for k in range(table_start, table_start + table_clusters):
                 refs[k] = 0
-            table_clusters = entries * 8 // img.cs
-            table_start = _alloc(refs, table_clusters)
+            cursor[0] = min(cursor[0], table_start) if table_clusters else cursor[0]
+            table_clusters = entries * 8 // cs
+            table_start = _alloc(refs, table_clusters, cursor)
             changed = True
         if not changed:
             break
-    table = array("Q", [0]) * (table_clusters * img.cs // 8)
+    codec = RefcountCodec(header.refcount_order)
+    table = array("Q", [0]) * (table_clusters * cs // 8)
     for index, cluster in blocks.items():
-        table[index] = cluster << img.cb
-        img.file.write(cluster << img.cb, _encode_block(img, refs[index * per : (index + 1) * per]))
-    raw = array("Q", table)
-    raw.byteswap()
-    img.file.write(table_start << img.cb, raw.tobytes())
-    img.file.flush()
-    where = struct.pack(">QI", table_start << img.cb, table_clusters)
-    img.file.write(REFTABLE_AT, where)
-    img.file.flush()
-    img.reftable, img.reftable_offset = table, table_start << img.cb
-    img.blocks.clear()
-    img.header = img.header.with_changes(
-        refcount_table_offset=table_start << img.cb, refcount_table_clusters=table_clusters
+        table[index] = cluster << cb
+        file.write(cluster << cb, _encode_block(codec, cs, refs[index * per : (index + 1) * per]))
+    table.byteswap()
+    file.write(table_start << cb, table.tobytes())
+    file.flush()
+    file.write(REFTABLE_AT, struct.pack(">QI", table_start << cb, table_clusters))
+    file.flush()
+    return header.with_changes(
+        refcount_table_offset=table_start << cb, refcount_table_clusters=table_clusters
     )
 
 
-def _alloc(refs: array[int], count: int) -> int:
-    """First fit: ``count`` unreferenced clusters in a row, marked used; grows ``refs``."""
-    run = start = 0
-    i = 0
+def _alloc(refs: array[int], count: int, cursor: list[int]) -> int:
+    """First fit from ``cursor[0]`` (below which nothing is free): ``count`` unreferenced
+    clusters in a row, marked used; grows ``refs`` as needed."""
+    i = cursor[0]
+    while i < len(refs) and refs[i]:
+        i += 1
+    cursor[0] = i
+    start, run = i, 0
     while run < count:
         if i >= len(refs):
             refs.extend(array("Q", [0]) * (count - run))
         if refs[i] == 0:
-            start = i if run == 0 else start
             run += 1
         else:
-            run = 0
+            start, run = i + 1, 0
         i += 1
     for k in range(start, start + count):
         refs[k] = 1
+    if start == cursor[0]:
+        cursor[0] = start + count
     return start
 
 
-def _encode_block(img: _Image, values: array[int]) -> bytes:
-    block = bytearray(img.cs)
+_WIDTH_CODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+
+
+def _encode_block(codec: RefcountCodec, cs: int, values: array[int]) -> bytes:
+    code = _WIDTH_CODES.get(codec.bits)
+    if code is not None and array(code).itemsize * 8 == codec.bits:
+        block = array(code, values)
+        if codec.bits > 8:
+            block.byteswap()
+        return block.tobytes() + bytes(cs - len(block) * block.itemsize)
+    out = bytearray(cs)
     for index, value in enumerate(values):
         if value:
-            img.codec.set(block, index, value)
-    return bytes(block)
+            codec.set(out, index, value)
+    return bytes(out)
 
 
 def _mark_clean(img: _Image) -> None:
