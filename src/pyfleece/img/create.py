@@ -165,6 +165,27 @@ def full_backing_name(image: str, backing: str) -> str:
 
 
 def _create_qcow2(filename: str, opts: FormatOpts) -> None:
+    size = int(opts.get("size", 0) or 0)
+    backing, backing_fmt = opts.get("backing_file"), opts.get("backing_fmt")
+    create_opts = qcow2_options(filename, opts, size, backing, backing_fmt)
+    try:
+        qcow2_create.create_image(filename, create_opts)
+    except OSError as err:
+        raise _cannot_create(filename, err) from err
+
+
+def qcow2_options(
+    filename: str,
+    opts: FormatOpts,
+    size: int,
+    backing: int | bool | str | None,
+    backing_fmt: int | bool | str | None,
+) -> qcow2_create.CreateOptions:
+    """Typed qcow2 creation options from ``-o`` values, validated in qemu-img's order.
+
+    Raises:
+        Fail: a value qemu-img would refuse (or pyfleece does not support).
+    """
     compat = str(opts.get("compat", "1.1"))
     version = COMPAT_VERSIONS.get(compat)
     if version is None:
@@ -177,10 +198,8 @@ def _create_qcow2(filename: str, opts: FormatOpts) -> None:
     prealloc = str(opts.get("preallocation", "off"))
     if prealloc not in ("off", "metadata", "falloc", "full"):
         raise Fail(f"{filename}: Parameter 'preallocation' does not accept value '{prealloc}'")
-    backing = opts.get("backing_file")
-    backing_fmt = opts.get("backing_fmt")
     create_opts = qcow2_create.CreateOptions(
-        size=int(opts.get("size", 0) or 0),
+        size=size,
         cluster_size=int(opts.get("cluster_size", 65536) or 0),
         version=version,
         lazy_refcounts=bool(opts.get("lazy_refcounts", False)),
@@ -190,13 +209,13 @@ def _create_qcow2(filename: str, opts: FormatOpts) -> None:
         backing_format=str(backing_fmt) if backing_fmt is not None else None,
         extended_l2=bool(opts.get("extended_l2", False)),
     )
-    qcow2_create.validate(create_opts)
+    try:
+        qcow2_create.validate(create_opts)
+    except ConfigError as err:
+        raise Fail(f"{filename}: {err}") from err
     if prealloc != "off":
         raise Fail(f"{filename}: pyfleece supports only preallocation=off for qcow2")
-    try:
-        qcow2_create.create_image(filename, create_opts)
-    except OSError as err:
-        raise _cannot_create(filename, err) from err
+    return create_opts
 
 
 def _create_raw(filename: str, opts: FormatOpts) -> None:

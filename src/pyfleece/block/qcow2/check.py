@@ -575,14 +575,17 @@ def rebuild_refcounts(img: _Image, refs: array[int]) -> None:
     img.blocks.clear()
 
 
-def write_refcount_structure(file: Node, header: Header, refs: array[int]) -> Header:
+def write_refcount_structure(
+    file: Node, header: Header, refs: array[int], *, sync: bool = True
+) -> Header:
     """Writes refcount blocks and a table holding ``refs[cluster]`` for each host cluster,
     then points the header at them; returns the header as it now is.
 
     The new blocks and table go, first fit, into clusters ``refs`` shows unreferenced, and
     count themselves. They are written and synced before the header's refcount-table
     fields change (one synced write), so a crash leaves either structure in force.
-    ``convert`` also uses this to give the qcow2 images it writes their refcounts.
+    ``convert`` also uses this to give the qcow2 images it writes their refcounts (without
+    ``sync``, as qemu-img writes convert targets with cache=unsafe).
     """
     refs = array("Q", refs)
     cb, cs = header.cluster_bits, header.cluster_size
@@ -613,9 +616,11 @@ def write_refcount_structure(file: Node, header: Header, refs: array[int]) -> He
         file.write(cluster << cb, _encode_block(codec, cs, refs[index * per : (index + 1) * per]))
     table.byteswap()
     file.write(table_start << cb, table.tobytes())
-    file.flush()
+    if sync:
+        file.flush()
     file.write(REFTABLE_AT, struct.pack(">QI", table_start << cb, table_clusters))
-    file.flush()
+    if sync:
+        file.flush()
     return header.with_changes(
         refcount_table_offset=table_start << cb, refcount_table_clusters=table_clusters
     )

@@ -367,14 +367,24 @@ def create_image(path: str, opts: CreateOptions) -> Header:
         OSError: the file cannot be created or written.
     """
     plan = plan_image(opts)
+    write_plan(path, plan, sync=True)
+    return plan.header
+
+
+def write_plan(path: str, plan: Plan, *, sync: bool) -> None:
+    """Creates (or truncates) ``path`` and performs the plan's writes.
+
+    Raises:
+        OSError: the file cannot be created or written.
+    """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         for offset, data in _coalesce(plan.writes):
             os.pwrite(fd, data, offset)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
-    return plan.header
 
 
 def _coalesce(writes: tuple[tuple[int, bytes], ...]) -> Iterator[tuple[int, bytes]]:
