@@ -10,6 +10,9 @@ written front to back by ``img.qcow2_stream``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from pyfleece.block.node import Node
 from pyfleece.errors import ConfigError, PyfleeceError
 from pyfleece.img import create as img_create
@@ -21,6 +24,7 @@ from pyfleece.img.options import (
     help_text,
     parse_format_options,
     wants_help,
+    without,
 )
 from pyfleece.img.progress import Progress
 from pyfleece.img.qcow2_stream import Qcow2Stream
@@ -41,6 +45,7 @@ Copies the guest contents of one or more images (concatenated) into a new image.
 """
 
 MAX_SPARSE = 16 << 20
+T = TypeVar("T")
 
 
 class _Args:
@@ -172,14 +177,26 @@ def _create(out: str, args: _Args, size: int) -> Target:
     fmt = args.out_fmt
     if fmt not in FORMAT_OPTIONS:
         raise Fail(f"Unknown file format '{fmt}'")
-    opts = parse_format_options(fmt, args.options, out)
+    opts = parse_format_options(fmt, args.options, "")
     if fmt == "raw" and (args.backing or "backing_file" in opts.values):
         raise Fail("Backing file not supported for file format 'raw'")
-    try:
-        if fmt == "qcow2":
-            return _qcow2_target(out, args, size)
-        img_create.create(out, fmt, size, args.options, None, None, quiet=True)
+    if fmt == "qcow2":
+        stream = _wrap_create_errors(out, fmt, lambda: _qcow2_target(out, args, size))
+        if args.backing is not None or "backing_file" in opts.values:
+            _check_backing(out, stream)
+        return stream
+
+    def create_raw() -> Target:
+        text = without(args.options, "size")  # the sources decide the size
+        img_create.create(out, fmt, size, text, None, None, quiet=True)
         return RawTarget(out)
+
+    return _wrap_create_errors(out, fmt, create_raw)
+
+
+def _wrap_create_errors(out: str, fmt: str, make: Callable[[], T]) -> T:
+    try:
+        return make()
     except Fail as fail:
         message = str(fail).removeprefix(f"{out}: ")
         raise Fail(f"{out}: error while converting {fmt}: {message}") from fail
@@ -187,17 +204,12 @@ def _create(out: str, args: _Args, size: int) -> Target:
         raise Fail(f"{out}: error while converting {fmt}: {describe(err)}") from err
 
 
-def _qcow2_target(out: str, args: _Args, size: int) -> Target:
+def _qcow2_target(out: str, args: _Args, size: int) -> Qcow2Stream:
     opts = parse_format_options("qcow2", args.options, out)
-    if "size" in opts.values:
-        raise Fail("The image size must be specified only once")
     backing = args.backing or opts.get("backing_file")
     backing_fmt = args.backing_fmt or opts.get("backing_fmt")
     create_opts = img_create.qcow2_options(out, opts, size, backing, backing_fmt)
-    stream = Qcow2Stream(out, create_opts)
-    if backing is not None:
-        _check_backing(out, stream)
-    return stream
+    return Qcow2Stream(out, create_opts)
 
 
 def _check_backing(out: str, stream: Qcow2Stream) -> None:

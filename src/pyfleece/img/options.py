@@ -128,6 +128,7 @@ def parse_format_options(fmt: str, text: str, where: str) -> FormatOpts:
         Fail: an unknown option or a value of the wrong type, prefixed with ``where``.
     """
     descs = {d.name: d for d in FORMAT_OPTIONS[fmt]}
+    where = f"{where}: " if where else ""
     opts = FormatOpts(fmt, {}, {})
     if not text:
         return opts
@@ -137,7 +138,7 @@ def parse_format_options(fmt: str, text: str, where: str) -> FormatOpts:
             value = "on"
         desc = descs.get(name)
         if desc is None:
-            raise Fail(f"{where}: Invalid parameter '{name}'")
+            raise Fail(f"{where}Invalid parameter '{name}'")
         opts.text[name] = value
         opts.values[name] = _typed(desc, value, where)
     return opts
@@ -148,7 +149,7 @@ def _typed(desc: OptDesc, value: str, where: str) -> int | bool | str:
         number = strtosz(value)
         if number is None or number < 0:
             raise Fail(
-                f"{where}: Parameter '{desc.name}' expects a non-negative number below 2^64",
+                f"{where}Parameter '{desc.name}' expects a non-negative number below 2^64",
                 hint=SIZE_HINT,
             )
         return number
@@ -156,9 +157,15 @@ def _typed(desc: OptDesc, value: str, where: str) -> int | bool | str:
         try:
             return int(value, 0)
         except ValueError:
-            raise Fail(f"{where}: Parameter '{desc.name}' expects a number") from None
+            raise Fail(f"{where}Parameter '{desc.name}' expects a number") from None
     if desc.kind == "bool":
         if value not in ("on", "off", "true", "false", "yes", "no"):
-            raise Fail(f"{where}: Parameter '{desc.name}' expects 'on' or 'off'")
+            raise Fail(f"{where}Parameter '{desc.name}' expects 'on' or 'off'")
         return value in ("on", "true", "yes")
     return value
+
+
+def without(text: str, name: str) -> str:
+    """The ``-o`` text with option ``name`` left out (commas re-escaped)."""
+    items = [i for i in split_items(text) if i.partition("=")[0] != name] if text else []
+    return ",".join(item.replace(",", ",,") for item in items)
