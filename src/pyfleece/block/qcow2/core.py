@@ -97,7 +97,13 @@ class Qcow2Core(Node):
             protected = [(0, self.cluster_size), (header.l1_table_offset, header.l1_size * 8)]
             if header.nb_snapshots:
                 protected.append((header.snapshots_offset, self.cluster_size))
-            self.rc = Refcounts(file, header, cache_bytes=refcount_cache, protected=protected)
+            self.rc = Refcounts(
+                file,
+                header,
+                cache_bytes=refcount_cache,
+                protected=protected,
+                live=self.map.l2_at,
+            )
         self._busy: set[int] = set()
         self._pending: list[_Frees] = []
         self._gen = 0
