@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pyfleece.block.graph import Graph
 from pyfleece.block.image import open_image
 from pyfleece.block.qcow2.format import decode_header
 from pyfleece.block.registry import MAX_CHAIN_DEPTH
@@ -211,3 +212,16 @@ def test_missing_backing_file(tmp_path: Path) -> None:
     (tmp_path / "b.raw").unlink()
     with pytest.raises(ImageError, match=r"Could not open backing file: Could not open .*b\.raw"):
         open_image(str(image))
+
+
+def test_failed_open_releases_a_graph_file_node(tmp_path: Path) -> None:
+    """A qcow2 node that fails to open (here: its backing file is gone) leaves no
+    reference behind on the file node it was given by name."""
+    create(tmp_path / "b.raw", 1 << 20, fmt="raw")
+    image = create(tmp_path / "t.qcow2", 1 << 20, backing="b.raw")
+    (tmp_path / "b.raw").unlink()
+    graph = Graph()
+    graph.open({"driver": "file", "node-name": "f", "filename": str(image)})
+    with pytest.raises(ImageError, match="Could not open backing file"):
+        graph.open({"driver": "qcow2", "node-name": "q", "file": "f"})
+    graph.remove("f")

@@ -7,16 +7,18 @@ import struct
 
 import pytest
 
-from pyfleece.block.qcow2.format import (
+from pyfleece.block.qcow2.bitmap_format import (
     BITMAP_DIR_ENTRY,
+    decode_bitmap_directory,
+    decode_bitmaps_extension,
+)
+from pyfleece.block.qcow2.format import (
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
     Cluster,
     RefcountCodec,
     compressed_clusters,
-    decode_bitmap_directory,
-    decode_bitmaps_extension,
     encode_compressed,
     l2_host,
     l2_kind,

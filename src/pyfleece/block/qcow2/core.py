@@ -82,7 +82,6 @@ class Qcow2Core(Node):
         refcount_cache: int,
     ) -> None:
         super().__init__(node_name, read_only=read_only)
-        self.attach_child("file", file, owned=owned)
         self.file = file
         self.header = header
         self.cluster_bits = cb = header.cluster_bits
@@ -108,6 +107,8 @@ class Qcow2Core(Node):
         self._pending: list[_Frees] = []
         self._gen = 0
         self._durable_gen = -1
+        # Last: a failed constructor must not leave a reference on the file node.
+        self.attach_child("file", file, owned=owned)
 
     @property
     def size(self) -> int:
