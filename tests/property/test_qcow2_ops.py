@@ -21,6 +21,7 @@ Op = tuple[str, int, int, int]
 class Scenario:
     cluster_size: int
     compat: str
+    refcount_bits: int
     backing: str | None  # None, "raw" or "qcow2"
     size: int
     backing_size: int
@@ -39,6 +40,7 @@ def offsets(draw: st.DrawFn, size: int, cs: int) -> int:
 def scenarios(draw: st.DrawFn) -> Scenario:
     cs = draw(st.sampled_from([512, 4096, 65536]))
     compat = draw(st.sampled_from(["0.10", "1.1"]))
+    refcount_bits = 16 if compat == "0.10" else draw(st.sampled_from([16, 16, 1, 64]))
     backing = draw(st.sampled_from([None, "raw", "qcow2"]))
     size = draw(st.integers(2, 20)) * cs + draw(st.sampled_from([0, 512, 1536]))
     backing_size = draw(st.integers(1, size // 512)) * 512
@@ -54,7 +56,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
             length = min(size - offset, draw(st.integers(1, 4)) * cs)
         arg = draw(st.integers(1, 255)) if kind == "write" else int(draw(st.booleans()))
         ops.append((kind, offset, length, arg))
-    return Scenario(cs, compat, backing, size, backing_size, ops)
+    return Scenario(cs, compat, refcount_bits, backing, size, backing_size, ops)
 
 
 def _make(root: Path, sc: Scenario) -> tuple[Path, bytearray]:
@@ -72,6 +74,8 @@ def _make(root: Path, sc: Scenario) -> tuple[Path, bytearray]:
             model[:half] = b"\x5a" * half
         kwargs = {"backing": f"b.{sc.backing}", "backing_fmt": sc.backing}
     options = f"cluster_size={sc.cluster_size},compat={sc.compat}"
+    if sc.compat == "1.1":
+        options += f",refcount_bits={sc.refcount_bits}"
     return create(root / "t.qcow2", sc.size, options, **kwargs), model
 
 
@@ -87,7 +91,7 @@ def _discarded(sc: Scenario, offset: int, length: int) -> tuple[int, int]:
 
 
 @settings(
-    max_examples=120,
+    max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
