@@ -14,6 +14,7 @@ from pyfleece.block.image import open_image
 from tests.integration.qcow2_oracle import (
     assert_clean,
     create,
+    info,
     qemu_io,
     qemu_map,
     run,
@@ -116,6 +117,10 @@ def test_qemu_io_reads_and_writes_what_we_wrote(tmp_path: Path, cs: int) -> None
     finally:
         node.close()
     assert_clean(image)
+    facts = info(image)
+    assert (facts["format"], facts["virtual-size"], facts["cluster-size"]) == ("qcow2", size, cs)
+    assert facts["dirty-flag"] is False
+    assert facts["format-specific"]["data"]["corrupt"] is False
     qemu_io(
         image,
         f"read -P 0x21 {cs // 2} {cs}",
