@@ -412,15 +412,12 @@ class NbdClient:
             self._break(ProtocolError(f"NBD client reader failed: {err!r}"))
 
     def _end_of_stream(self) -> None:
+        """The server closed the connection between two replies."""
         with self._lock:
             inflight = len(self._inflight)
-            clean = self._closing and not inflight and self._replies.rx.at_boundary()
-        if clean:
-            return
-        if not self._replies.rx.at_boundary():
-            when = " in the middle of a reply"
-        else:
-            when = f" with {inflight} request(s) in flight" if inflight else ""
+            if self._closing and not inflight:
+                return
+        when = f" with {inflight} request(s) in flight" if inflight else ""
         self._break(ProtocolError(f"NBD server {self.where} closed the connection{when}"))
 
     def _finish(self, cookie: int, error: BaseException | None) -> None:

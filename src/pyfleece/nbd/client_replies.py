@@ -197,13 +197,26 @@ class ReplyReader:
 
     def next_reply(self) -> tuple[int, BaseException | None] | None:
         """Reads one message. Returns (cookie, error) when a command's reply has ended,
-        None after a chunk that does not end it."""
-        self.rx.fill(4)
+        None after a chunk that does not end it.
+
+        Raises:
+            EOFError: the stream ended cleanly between two messages.
+            ProtocolError: the message breaks the protocol, or the stream ended inside it.
+        """
+        try:
+            self.rx.fill(4)
+        except EOFError:
+            if self.rx.at_boundary():
+                raise
+            raise self.violation("closed the connection in the middle of a reply") from None
         (magic,) = struct.unpack_from(">I", self.rx.buf, self.rx.start)
-        if magic == proto.SIMPLE_REPLY_MAGIC:
-            return self.simple()
-        if magic == proto.STRUCTURED_REPLY_MAGIC:
-            return self.chunk()
+        try:
+            if magic == proto.SIMPLE_REPLY_MAGIC:
+                return self.simple()
+            if magic == proto.STRUCTURED_REPLY_MAGIC:
+                return self.chunk()
+        except EOFError:
+            raise self.violation("closed the connection in the middle of a reply") from None
         raise self.violation(f"bad reply magic {magic:#010x}")
 
     def simple(self) -> tuple[int, BaseException | None]:
