@@ -83,14 +83,30 @@ class Negotiator:
         view = memoryview(buf)
         got = 0
         while got < n:
-            k = self.transport.recv_into(view[got:], wait_all=True)
+            try:
+                k = self.transport.recv_into(view[got:], wait_all=True)
+            except ConnectionError as err:
+                raise self.dropped() from err
             if k == 0:
-                raise ProtocolError(f"NBD server {self.where} closed the connection")
+                raise self.dropped()
             got += k
         return bytes(buf)
 
     def send_option(self, opt: Opt, data: bytes = b"") -> None:
-        self.transport.send([proto.OPTION_HEADER.pack(proto.IHAVEOPT, opt, len(data)), data])
+        try:
+            self.transport.send([proto.OPTION_HEADER.pack(proto.IHAVEOPT, opt, len(data)), data])
+        except ConnectionError as err:
+            raise self.dropped() from err
+
+    def dropped(self) -> ImageError | ProtocolError:
+        """The server hung up (or reset the connection) in the middle of the handshake."""
+        if self.transport.tls:
+            # TLS 1.3 servers check the client certificate after the handshake has ended
+            return ImageError(
+                f"TLS with NBD server {self.where} failed: the server closed the connection "
+                "after the TLS handshake (client certificate missing or not trusted?)"
+            )
+        return ProtocolError(f"NBD server {self.where} closed the connection")
 
     def reply(self, opt: Opt) -> tuple[int, bytes]:
         """Reads one option reply: (reply type, payload)."""
