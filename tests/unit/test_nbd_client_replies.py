@@ -342,3 +342,15 @@ def test_violation_fails_every_request_in_flight(make: Make) -> None:
         first.wait(10)
     assert seen.is_set()
     client.close()
+
+
+def test_close_gives_up_on_a_server_that_never_answers(make: Make) -> None:
+    def handler(srv: FakeServer, conn: Conn, req: Req, data: bytes) -> None:
+        return None  # swallows every request
+
+    server = make(handler)
+    client = connect(server)
+    stuck = client.submit_read(0, memoryview(bytearray(512)))
+    client.close(timeout=0.2)
+    with pytest.raises(ProtocolError, match="did not answer in time"):
+        stuck.wait(10)

@@ -29,6 +29,7 @@ import errno
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from typing import NamedTuple
@@ -66,6 +67,8 @@ Buffer = bytes | bytearray | memoryview
 MAX_IO = proto.MAX_REQUEST
 #: Largest effect length of a payload-less request (write zeroes, trim, block status).
 MAX_EFFECT = 1 << 31
+#: How long ``close`` waits for requests in flight by default, in seconds.
+CLOSE_TIMEOUT = 30.0
 
 
 class StatusExtent(NamedTuple):
@@ -87,7 +90,7 @@ class NbdClient:
         self._transport = transport
         self._cookies = itertools.count(1)
         self._inflight: dict[int, Command] = {}
-        self._lock = threading.Lock()  # guards _inflight, _broken, _closing
+        self._lock = threading.Lock()  # guards _inflight, _broken, _closing, _shutdown_seen
         self._send_lock = threading.Lock()
         self._rmw_lock = threading.Lock()
         self._broken: ProtocolError | None = None
@@ -336,22 +339,26 @@ class NbdClient:
 
     # -- closing ------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Waits for requests in flight, then disconnects (NBD_CMD_DISC). Idempotent."""
+    def close(self, timeout: float | None = CLOSE_TIMEOUT) -> None:
+        """Waits for requests in flight (up to ``timeout`` seconds; then they fail with
+        ProtocolError), then disconnects with NBD_CMD_DISC. Idempotent."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
             pending = list(self._inflight.values())
+        deadline = None if timeout is None else time.monotonic() + timeout
         for cmd in pending:
-            with suppress(BlockError, ProtocolError):  # its caller hears about it
-                cmd.wait()
-        if self._broken is None:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                with self._send_lock:
-                    self._transport.send([proto.encode_request(0, Cmd.DISC, 0, 0, 0)])
-            except OSError:
-                pass  # the server went first
+                cmd.wait(left)
+            except TimeoutError:
+                self._break(ProtocolError(f"NBD server {self.where} did not answer in time"))
+            except (BlockError, ProtocolError):
+                pass  # its caller hears about it
+        if self._broken is None:
+            with suppress(OSError), self._send_lock:  # OSError: the server went first
+                self._transport.send([proto.encode_request(0, Cmd.DISC, 0, 0, 0)])
         self._transport.shutdown()
         self._reader.join()
         self._transport.close()
@@ -392,7 +399,9 @@ class NbdClient:
         return cmd
 
     def _read_replies(self) -> None:
-        """The reader thread: applies replies until the connection ends."""
+        """The reader thread: applies replies until the connection ends, then fails whatever
+        is still in flight (only this thread completes commands, so no caller's buffer is
+        written after its call has returned)."""
         try:
             while True:
                 try:
@@ -405,11 +414,17 @@ class NbdClient:
         except ProtocolError as err:
             self._break(err)
         except OSError as err:
-            if not (self._closing and not self._inflight):
-                self._break(ProtocolError(f"connection to NBD server {self.where} failed: {err}"))
+            self._break(ProtocolError(f"connection to NBD server {self.where} failed: {err}"))
         except Exception as err:  # a bug here must not leave callers waiting forever
             log.exception("NBD client reader for %s failed", self.where)
             self._break(ProtocolError(f"NBD client reader failed: {err!r}"))
+        finally:
+            with self._lock:
+                error = self._broken or ProtocolError(f"connection to {self.where} closed")
+                pending = list(self._inflight.values())
+                self._inflight.clear()
+            for cmd in pending:
+                cmd.complete(error)
 
     def _end_of_stream(self) -> None:
         """The server closed the connection between two replies."""
@@ -431,18 +446,16 @@ class NbdClient:
             threading.Thread(target=self.close, name="nbd-client close", daemon=True).start()
 
     def _break(self, error: ProtocolError) -> None:
-        """Hard disconnect: every request in flight fails with ``error``."""
+        """Hard disconnect. The reader thread then stops and fails every request in flight
+        with the first error recorded."""
         with self._lock:
-            first = self._broken is None
-            if first:
-                self._broken = error
-            pending = list(self._inflight.values())
-            self._inflight.clear()
-        if first:
+            if self._broken is not None:
+                return
+            self._broken = error
+            quiet = self._closing and not self._inflight
+        if not quiet:
             log.warning("%s", error)
-            self._transport.shutdown()
-        for cmd in pending:
-            cmd.complete(error)
+        self._transport.shutdown()
 
     def _wait_all(self, cmds: list[Command]) -> None:
         first: BaseException | None = None
