@@ -3,8 +3,9 @@ page-cached raw file that qemu-nbd serves over a Unix socket, in the same run.
 
 Configurations of our client: one thread keeping N requests of S bytes in flight with
 ``submit_read`` (what convert and the snapshot pull do), and T threads each calling
-``readinto`` on the one shared connection. Each is run ROUNDS times, interleaved with
-nbdcopy, and the best time counts (the machine is shared; the best is the least disturbed).
+``readinto`` on the one shared connection (or, for comparison, on one connection each).
+Each is run ROUNDS times, interleaved with nbdcopy, and the best time counts (the machine is
+shared; the best is the least disturbed).
 
 Usage: python bench/nbd_client_read.py [DIR]   (DIR holds the 1 GiB file; default /var/tmp)
 """
@@ -42,19 +43,23 @@ def read_pipelined(uri: str, chunk: int, depth: int) -> None:
             queue.popleft().wait()
 
 
-def read_threads(uri: str, chunk: int, threads: int) -> None:
-    with NbdClient.connect(uri) as client:
+def read_threads(uri: str, chunk: int, threads: int, *, shared: bool = True) -> None:
+    """``threads`` threads calling ``readinto``, on one shared connection or one each."""
+    clients = [NbdClient.connect(uri) for _ in range(1 if shared else threads)]
 
-        def worker(k: int) -> None:
-            buf = memoryview(bytearray(chunk))
-            for offset in range(k * chunk, client.size, chunk * threads):
-                client.readinto(offset, buf[: min(chunk, client.size - offset)])
+    def worker(k: int) -> None:
+        client = clients[0 if shared else k]
+        buf = memoryview(bytearray(chunk))
+        for offset in range(k * chunk, client.size, chunk * threads):
+            client.readinto(offset, buf[: min(chunk, client.size - offset)])
 
-        pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    for client in clients:
+        client.close()
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -105,6 +110,9 @@ def main() -> int:
         for chunk, threads in THREADS:
             name = f"pyfleece, {threads} thread(s) x readinto({chunk >> 10} KiB)"
             runs[name] = lambda c=chunk, t=threads: read_threads(uri, c, t)
+        runs["pyfleece, 4 threads x readinto(1024 KiB), 4 conns"] = lambda: read_threads(
+            uri, 1 << 20, 4, shared=False
+        )
         best = {name: min(timed(fn) for _ in range(1)) for name, fn in runs.items()}
         for _ in range(ROUNDS - 1):
             for name, fn in runs.items():
@@ -115,7 +123,7 @@ def main() -> int:
     peer = SIZE / best["nbdcopy -> null:"] / (1 << 30)
     for name, seconds in best.items():
         rate = SIZE / seconds / (1 << 30)
-        print(f"{name:48s} {rate:5.2f} GiB/s  ratio {rate / peer:4.2f}")
+        print(f"{name:52s} {rate:5.2f} GiB/s  ratio {rate / peer:4.2f}")
     return 0
 
 

@@ -216,3 +216,21 @@ def test_pipelined_reads_from_one_thread(tmp_path: Path) -> None:
         for cmd in cmds:
             cmd.wait(30)
         assert bytes(buf) == path.read_bytes()
+
+
+def test_dirty_bitmap_context(tmp_path: Path) -> None:
+    """The pull-backup client's incremental case: a qcow2 bitmap's dirty ranges."""
+    qemu_img, qemu_io = require_tool("qemu-img"), require_tool("qemu-io")
+    path = tmp_path / "disk.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", str(path), str(SIZE))
+    run(qemu_io, "-f", "qcow2", "-c", "write -P 1 0 1M", str(path))  # before the bitmap
+    run(qemu_img, "bitmap", "--add", str(path), "b0")
+    run(qemu_io, "-f", "qcow2", "-c", "write -P 2 2M 64k", "-c", "write -P 3 5M 1M", str(path))
+    context = "qemu:dirty-bitmap:b0"
+    with qemu_nbd(tmp_path, path, "-r", "-B", "b0", fmt="qcow2"):
+        uri = unix_uri(tmp_path / "qemu-nbd.sock")
+        with NbdClient.connect(uri, contexts=[BASE_ALLOCATION, context]) as client:
+            ours = _merged([tuple(e) for e in client.block_status(context=context)])
+        assert ours == _nbdinfo_map(uri, context)
+        dirty = [(offset, length) for offset, length, flags in ours if flags & 1]
+        assert dirty == [(2 * MiB, 65536), (5 * MiB, MiB)]
