@@ -201,6 +201,8 @@ class Negotiator:
                 if len(data) < 5:
                     raise ProtocolError(f"NBD server {self.where}: short META_CONTEXT reply")
                 (ident,) = proto.META_CONTEXT_ID.unpack_from(data)
+                if opt == Opt.SET_META_CONTEXT and ident in found.values():
+                    raise ProtocolError(f"NBD server {self.where}: context id {ident} given twice")
                 found[self.text(data[4:], "metadata context name")] = ident
                 continue
             if kind == Rep.ERR_TLS_REQD:
@@ -317,7 +319,7 @@ class Negotiator:
         try:
             self.send_option(Opt.ABORT)
             self.reply(Opt.ABORT)
-        except (OSError, ProtocolError):
+        except (OSError, ProtocolError, ImageError):
             pass
 
     # -- helpers ------------------------------------------------------------------------------
