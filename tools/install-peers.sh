@@ -19,6 +19,7 @@ need libnbd-bin command -v nbdcopy
 need python3-libnbd "$py" -c 'import nbd'
 need nbdkit command -v nbdkit
 need fio command -v fio
+need openssl command -v openssl
 if [ ${#missing[@]} -gt 0 ]; then
 	mapfile -t unique < <(printf '%s\n' "${missing[@]}" | sort -u)
 	echo "installing Debian packages: ${unique[*]}"

@@ -150,3 +150,13 @@ def test_backing_override_none_and_node(tmp_path: Path) -> None:
         assert node.read(0, 128 << 10) == b"\x0b" * (64 << 10) + b"\x0a" * (64 << 10)
     finally:
         node.close()
+
+
+def test_absolute_and_json_backing_names(tmp_path: Path) -> None:
+    base = create(tmp_path / "b.raw", 1 << 20, fmt="raw")
+    qemu_io(base, "write -P 0x0c 0 1M", fmt="raw")
+    absolute = create(tmp_path / "abs.qcow2", 1 << 20, backing=str(base), backing_fmt="raw")
+    spec = f'json:{{"driver": "raw", "file": {{"driver": "file", "filename": "{base}"}}}}'
+    named = create(tmp_path / "json.qcow2", 1 << 20, backing=spec, backing_fmt="raw")
+    for image in (absolute, named):
+        _assert_reads_like_qemu(image)

@@ -5,6 +5,7 @@ contents, and an image ``qemu-img check`` finds clean; qemu-io then reads and wr
 from __future__ import annotations
 
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from pyfleece.block.image import open_image
 from tests.integration.qcow2_oracle import (
     assert_clean,
     create,
+    info,
     qemu_io,
     qemu_map,
+    run,
     to_raw,
     without_offsets,
 )
@@ -114,6 +117,10 @@ def test_qemu_io_reads_and_writes_what_we_wrote(tmp_path: Path, cs: int) -> None
     finally:
         node.close()
     assert_clean(image)
+    facts = info(image)
+    assert (facts["format"], facts["virtual-size"], facts["cluster-size"]) == ("qcow2", size, cs)
+    assert facts["dirty-flag"] is False
+    assert facts["format-specific"]["data"]["corrupt"] is False
     qemu_io(
         image,
         f"read -P 0x21 {cs // 2} {cs}",
@@ -147,3 +154,53 @@ def test_fua_and_flush_leave_a_clean_image_while_open(tmp_path: Path) -> None:
     finally:
         node.close()
     assert_clean(image)
+
+
+@pytest.mark.parametrize("options", ["cluster_size=65536", "cluster_size=512", "compat=0.10"])
+def test_writes_leave_internal_snapshots_intact(tmp_path: Path, options: str) -> None:
+    """Clusters and L2 tables shared with a snapshot (refcount 2) are copied before they
+    change: the image is clean, reads our writes, and reverting to the snapshot gives back
+    exactly what it held."""
+    size = 4 << 20
+    image = create(tmp_path / "s.qcow2", size, options)
+    qemu_io(image, "write -P 1 0 1M", "write -c -P 2 1M 256k", "write -P 3 3M 128k")
+    if "compat=0.10" not in options:
+        qemu_io(image, "write -z 2M 64k", "write -z 3M 64k")
+    snapshot = to_raw(image)
+    run("qemu-img", "snapshot", "-c", "s1", str(image))
+    ops = [
+        ("write", 100, 300000, 0x21),
+        ("zero", 1 << 20, 100000, 0),
+        ("zero", 3 << 20, 65536, 1),
+        ("discard", 512 << 10, 1 << 20, 0),
+        ("write", (2 << 20) - 7, 70000, 0x22),
+    ]
+    _apply(image, ops)
+    theirs = tmp_path / "theirs.raw"
+    theirs.write_bytes(snapshot)
+    qemu_io(theirs, *(_as_qemu_io(op) for op in ops), fmt="raw")
+    assert_clean(image)
+    assert to_raw(image) == theirs.read_bytes()
+    run("qemu-img", "snapshot", "-a", "s1", str(image))
+    assert_clean(image)
+    assert to_raw(image) == snapshot
+
+
+def test_refcount_table_grows(tmp_path: Path) -> None:
+    """512-byte clusters with 64-bit refcounts: one refcount table cluster covers 2 MiB of
+    file, so writing 6 MiB moves the table (and adds self-describing refcount blocks)."""
+    image = create(tmp_path / "g.qcow2", 8 << 20, "cluster_size=512,refcount_bits=64")
+    before = struct.unpack(">QI", image.read_bytes()[48:60])
+    data = bytes(range(256)) * (6 << 12)
+    node = open_image(str(image), read_only=False)
+    try:
+        for i in range(0, len(data), 1 << 20):
+            node.write(i, data[i : i + (1 << 20)])
+            node.flush()
+            assert_clean(image, leaks_allowed=True)
+    finally:
+        node.close()
+    after = struct.unpack(">QI", image.read_bytes()[48:60])
+    assert after[1] > before[1] and after[0] != before[0]
+    assert_clean(image)
+    assert to_raw(image)[: len(data)] == data

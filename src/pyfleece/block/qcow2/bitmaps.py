@@ -18,17 +18,15 @@ import struct
 from typing import Any
 
 from pyfleece.block.node import Node
-from pyfleece.block.qcow2.format import (
+from pyfleece.block.qcow2.bitmap_format import (
     BITMAP_FLAGS_OFFSET,
-    Autoclear,
     BitmapEntry,
     BitmapFlag,
     BitmapsExtension,
-    Ext,
-    Header,
     decode_bitmap_directory,
     decode_bitmaps_extension,
 )
+from pyfleece.block.qcow2.format import Autoclear, Ext, Header
 from pyfleece.errors import CorruptImage
 
 AUTOCLEAR_AT = 88  # header bytes 88..95

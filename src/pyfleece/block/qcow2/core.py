@@ -82,7 +82,6 @@ class Qcow2Core(Node):
         refcount_cache: int,
     ) -> None:
         super().__init__(node_name, read_only=read_only)
-        self.attach_child("file", file, owned=owned)
         self.file = file
         self.header = header
         self.cluster_bits = cb = header.cluster_bits
@@ -97,11 +96,19 @@ class Qcow2Core(Node):
             protected = [(0, self.cluster_size), (header.l1_table_offset, header.l1_size * 8)]
             if header.nb_snapshots:
                 protected.append((header.snapshots_offset, self.cluster_size))
-            self.rc = Refcounts(file, header, cache_bytes=refcount_cache, protected=protected)
+            self.rc = Refcounts(
+                file,
+                header,
+                cache_bytes=refcount_cache,
+                protected=protected,
+                live=self.map.l2_at,
+            )
         self._busy: set[int] = set()
         self._pending: list[_Frees] = []
         self._gen = 0
         self._durable_gen = -1
+        # Last: a failed constructor must not leave a reference on the file node.
+        self.attach_child("file", file, owned=owned)
 
     @property
     def size(self) -> int:

@@ -29,7 +29,7 @@ from pyfleece.block.qcow2.format import (
     l2_kind,
 )
 from pyfleece.block.qcow2.refcounts import Refcounts
-from pyfleece.block.qcow2.tables import LRU, Table, array_be, be_array
+from pyfleece.block.qcow2.tables import LRU, OffsetSet, Table, array_be, be_array
 from pyfleece.errors import CorruptImage
 
 #: Called with (first host cluster, count) when a reference is dropped from the tables.
@@ -63,6 +63,7 @@ class Mapping:
         self.cache: LRU[int, Table] = LRU()
         self.capacity = max(16, cache_bytes // cs)
         self.dirty_tables = 0
+        self._l2_offsets: OffsetSet | None = None
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -93,6 +94,12 @@ class Mapping:
         self.cache.put(offset, table)
         return table
 
+    def l2_at(self, start: int, end: int) -> int | None:
+        """The offset of an active L2 table in [start, end) of the file, if any."""
+        if self._l2_offsets is None:
+            self._l2_offsets = OffsetSet(e & OFFSET_MASK for e in self.l1 if e & OFFSET_MASK)
+        return self._l2_offsets.first_in(start, end)
+
     def writable(self, l1_index: int, refs: Refcounts, free: FreeFn) -> Table:
         """The L2 table for ``l1_index``, allocated or copied so that it may be changed."""
         entry = self.l1[l1_index]
@@ -106,6 +113,10 @@ class Mapping:
         else:
             entries = self._copy_entries(old.entries, refs)
             free(old.offset >> self.cluster_bits, 1)
+        if self._l2_offsets is not None:
+            if old is not None:
+                self._l2_offsets.discard(old.offset)
+            self._l2_offsets.add(offset)
         table = Table(offset, entries, dirty=True)
         self.dirty_tables += 1
         self.cache.put(offset, table)

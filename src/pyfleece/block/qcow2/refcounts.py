@@ -21,10 +21,11 @@ from __future__ import annotations
 import errno
 import struct
 from array import array
+from collections.abc import Callable
 
 from pyfleece.block.node import Node
 from pyfleece.block.qcow2.format import MAX_REFCOUNT_TABLE_BYTES, REFT_RESERVED, Header
-from pyfleece.block.qcow2.tables import LRU, RefBlock, array_be, be_array
+from pyfleece.block.qcow2.tables import LRU, OffsetSet, RefBlock, array_be, be_array
 from pyfleece.errors import BlockError, CorruptImage
 
 # Header bytes 48..59: refcount_table_offset u64 | refcount_table_clusters u32
@@ -42,6 +43,7 @@ class Refcounts:
         *,
         cache_bytes: int,
         protected: list[tuple[int, int]],
+        live: Callable[[int, int], int | None] = lambda start, end: None,
     ) -> None:
         self.file = file
         self.cluster_bits = header.cluster_bits
@@ -62,6 +64,9 @@ class Refcounts:
         self.top = -(-file.size // cs)
         #: Fixed metadata (header, L1 table, ...) as byte ranges: never handed out.
         self.protected = list(protected)
+        #: Where live metadata the owner knows of (L2 tables) lies in [start, end), if any.
+        self.live = live
+        self.block_offsets = OffsetSet(e for e in self.table if e and not e & REFT_RESERVED)
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -159,15 +164,22 @@ class Refcounts:
             first += stop - at
 
     def _check_unprotected(self, first: int, count: int) -> None:
+        """Refuses to hand out clusters holding live metadata, whatever the refcounts say
+        (QEMU's "cached" overlap checks): the refcounts of a damaged image must not make
+        us overwrite its tables."""
         start = first << self.cluster_bits
         end = (first + count) << self.cluster_bits
         ranges = [*self.protected, (self.table_offset, self.table_clusters * self.cluster_size)]
-        for offset, length in ranges:
-            if offset < end and start < offset + length:
-                raise CorruptImage(
-                    f"qcow2: refcounts mark metadata at {offset:#x} as free; "
-                    "repair the image with 'qemu-img check -r all'"
-                )
+        hit = next((off for off, n in ranges if off < end and start < off + n), None)
+        if hit is None:
+            hit = self.block_offsets.first_in(start, end)
+        if hit is None:
+            hit = self.live(start, end)
+        if hit is not None:
+            raise CorruptImage(
+                f"qcow2: refcounts mark metadata at {hit:#x} as free; "
+                "repair the image with 'qemu-img check -r all'"
+            )
 
     def _create_block(self, index: int) -> None:
         """Gives region ``index`` a refcount block placed at its own first cluster."""
@@ -180,6 +192,7 @@ class Refcounts:
         block = RefBlock(offset, self.order, bytes(self.cluster_size))
         block.set(0, 1)
         self.blocks.put(index, block)
+        self.block_offsets.add(offset)
         self.table[index] = offset
         self.table_dirty.add(index)
         self.top = max(self.top, base + 1)
@@ -205,6 +218,7 @@ class Refcounts:
         table_at = (start + len(blocks)) * cs
         for region, block in made.items():
             self.blocks.put(region, block)
+            self.block_offsets.add(block.offset)
         self._write_blocks()
         self.file.write(table_at, array_be(new))
         self.file.flush()

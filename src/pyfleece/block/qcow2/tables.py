@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import sys
 from array import array
+from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
 from pyfleece.block.qcow2.format import RefcountCodec
@@ -174,3 +175,28 @@ class LRU(Generic[K, V]):
 
     def values(self) -> list[V]:
         return list(self._items.values())
+
+
+class OffsetSet:
+    """A sorted set of cluster offsets, 8 bytes each, with range queries (for the checks
+    that keep allocations off live metadata)."""
+
+    def __init__(self, offsets: Iterable[int]) -> None:
+        self._items = array("Q", sorted(set(offsets)))
+
+    def add(self, offset: int) -> None:
+        i = bisect_left(self._items, offset)
+        if i == len(self._items) or self._items[i] != offset:
+            self._items.insert(i, offset)
+
+    def discard(self, offset: int) -> None:
+        i = bisect_left(self._items, offset)
+        if i < len(self._items) and self._items[i] == offset:
+            del self._items[i]
+
+    def first_in(self, start: int, end: int) -> int | None:
+        """The smallest offset in [start, end), or None."""
+        i = bisect_left(self._items, start)
+        if i < len(self._items) and self._items[i] < end:
+            return self._items[i]
+        return None

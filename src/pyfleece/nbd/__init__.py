@@ -1,0 +1,1 @@
+"""NBD: the protocol codec, server, sessions, client and the qemu-nbd-like tool."""
