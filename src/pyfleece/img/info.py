@@ -9,9 +9,12 @@ the image's files occupy), ``format-specific``, the backing names and ``dirty-fl
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pyfleece.block.node import Node
+from pyfleece.block.qcow2.check import Snapshot, read_snapshots
+from pyfleece.block.qcow2.format import Header
 from pyfleece.img.common import (
     Fail,
     allocated_size,
@@ -101,7 +104,43 @@ def image_info(node: Node, filename: str) -> dict[str, Any]:
     describe = getattr(node, "info", None)
     if callable(describe):
         info.update(describe())
+    header, file = getattr(node, "header", None), node.child("file")
+    if isinstance(header, Header) and header.nb_snapshots and file is not None:
+        info["snapshots"] = [_snapshot(sn) for sn in read_snapshots(file, header)[0]]
     return info
+
+
+def _snapshot(sn: Snapshot) -> dict[str, Any]:
+    """QEMU's SnapshotInfo."""
+    out: dict[str, Any] = {
+        "id": sn.id,
+        "name": sn.name,
+        "vm-state-size": sn.vm_state_size,
+        "date-sec": sn.date_sec,
+        "date-nsec": sn.date_nsec,
+        "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000,
+        "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
+    }
+    if sn.icount is not None:
+        out["icount"] = sn.icount
+    return out
+
+
+def snapshot_lines(snapshots: list[dict[str, Any]]) -> list[str]:
+    """qemu-img's "Snapshot list:" table."""
+    lines = ["Snapshot list:", f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}"
+             f"{'ICOUNT':>11}"]  # fmt: skip
+    for sn in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
+        secs = sn["vm-clock-sec"]
+        clock = (
+            f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+            f"{sn['vm-clock-nsec'] // 1_000_000:03d}"
+        )
+        icount = str(sn["icount"]) if "icount" in sn else ""
+        size = size_to_str(sn["vm-state-size"])
+        lines.append(f"{sn['id']:<9} {sn['name']:<16} {size:>8}{date:>20}{clock:>13}{icount:>11}")
+    return lines
 
 
 def human(info: dict[str, Any]) -> str:
@@ -127,6 +166,8 @@ def human(info: dict[str, Any]) -> str:
         lines.append(line)
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        lines.extend(snapshot_lines(info["snapshots"]))
     specific = info.get("format-specific")
     if specific:
         lines.append("Format specific information:")

@@ -88,6 +88,63 @@ class CheckResult:
     messages: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """One internal snapshot's table entry (qemu-docs-interop-qcow2.rst, "Snapshots")."""
+
+    l1_table_offset: int
+    l1_size: int
+    id: str
+    name: str
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    icount: int | None
+
+
+def read_snapshots(file: Node, header: Header) -> tuple[list[Snapshot], int]:
+    """The internal snapshots, and the snapshot table's size in bytes.
+
+    Raises:
+        CorruptImage: the table is too long or lies past the end of the file.
+    """
+    if not header.nb_snapshots:
+        return [], 0
+    if header.nb_snapshots > MAX_SNAPSHOTS:
+        raise CorruptImage(f"qcow2: too many snapshots ({header.nb_snapshots})")
+    found = []
+    pos = header.snapshots_offset
+    for _ in range(header.nb_snapshots):
+        if pos + SNAPSHOT_ENTRY.size > file.size:
+            raise CorruptImage("qcow2: snapshot table lies past the end of the file")
+        fields = SNAPSHOT_ENTRY.unpack(file.read(pos, SNAPSHOT_ENTRY.size))
+        l1_off, l1_size, id_len, name_len, sec, nsec, clock, state, extra_len = fields
+        tail = pos + SNAPSHOT_ENTRY.size
+        if tail + extra_len + id_len + name_len > file.size:
+            raise CorruptImage("qcow2: snapshot table lies past the end of the file")
+        extra = file.read(tail, extra_len)
+        strings = file.read(tail + extra_len, id_len + name_len)
+        if len(extra) >= 8:
+            state = int.from_bytes(extra[:8], "big")
+        icount = int.from_bytes(extra[16:24], "big") if len(extra) >= 24 else None
+        found.append(
+            Snapshot(
+                l1_off,
+                l1_size,
+                strings[:id_len].decode(errors="replace"),
+                strings[id_len:].decode(errors="replace"),
+                sec,
+                nsec,
+                clock,
+                state,
+                None if icount == (1 << 64) - 1 else icount,
+            )
+        )
+        pos = (tail + extra_len + id_len + name_len + 7) & ~7
+    return found, pos - header.snapshots_offset
+
+
 class CheckFailed(ImageError):
     """The check could not complete (qemu-img's "Check failed: <reason>")."""
 
@@ -234,27 +291,8 @@ class _Checker:
 
     def snapshots(self) -> list[tuple[int, int, str]]:
         """(L1 offset, L1 size, "id (name)") of each internal snapshot."""
-        h, img = self.img.header, self.img
-        self.snapshots_size = 0
-        if not h.nb_snapshots:
-            return []
-        if h.nb_snapshots > MAX_SNAPSHOTS:
-            raise CorruptImage(f"qcow2: too many snapshots ({h.nb_snapshots})")
-        found = []
-        pos = h.snapshots_offset
-        for _ in range(h.nb_snapshots):
-            head = img.file.read(pos, SNAPSHOT_ENTRY.size) if pos < img.size else b""
-            if len(head) < SNAPSHOT_ENTRY.size or pos + SNAPSHOT_ENTRY.size > img.size:
-                raise CorruptImage("qcow2: snapshot table lies past the end of the file")
-            l1_off, l1_size, id_len, name_len, *_, extra = SNAPSHOT_ENTRY.unpack(head)
-            strings = img.file.read(pos + SNAPSHOT_ENTRY.size + extra, id_len + name_len)
-            ident = f"{strings[:id_len].decode(errors='replace')} "
-            ident += f"({strings[id_len:].decode(errors='replace')})"
-            found.append((l1_off, l1_size, ident))
-            pos += SNAPSHOT_ENTRY.size + extra + id_len + name_len
-            pos = (pos + 7) & ~7
-        self.snapshots_size = pos - h.snapshots_offset
-        return found
+        found, self.snapshots_size = read_snapshots(self.img.file, self.img.header)
+        return [(sn.l1_table_offset, sn.l1_size, f"{sn.id} ({sn.name})") for sn in found]
 
     def check_l1(self, offset: int, size: int, *, active: bool, fix: Fix) -> None:
         if not size:
