@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,7 +29,7 @@ from typing import Protocol
 from pyfleece.block.node import Node
 from pyfleece.img.progress import Progress
 
-CHUNK = 8 << 20
+CHUNK = 2 << 20
 _ZEROS = bytes(CHUNK)
 _ZERO_VIEW = memoryview(_ZEROS)
 
@@ -167,22 +167,20 @@ def zero_runs(
 Piece = tuple[int, int, Kind]  # (guest offset, length, kind)
 
 
-def pieces(sources: Sources, *, min_sparse: int) -> list[Piece]:
+def pieces(sources: Sources, *, min_sparse: int) -> Iterator[Piece]:
     """The work in guest order: data ranges cut into aligned chunks of at most CHUNK bytes,
     zero ranges whole (as data when ``min_sparse`` is 0: they are then written out)."""
-    out: list[Piece] = []
     for offset, length, kind in sources.ranges():
         if kind == Kind.ZERO and min_sparse:
-            out.append((offset, length, kind))
+            yield offset, length, kind
             continue
         if kind == Kind.BACKING:
             continue
         pos, end = offset, offset + length
         while pos < end:
             nxt = min(end, (pos // CHUNK + 1) * CHUNK)
-            out.append((pos, nxt - pos, Kind.DATA))
+            yield pos, nxt - pos, Kind.DATA
             pos = nxt
-    return out
 
 
 class _Pipeline:
@@ -202,7 +200,8 @@ class _Pipeline:
         self.cond = threading.Condition()
         self.local = threading.local()
 
-    def run(self, work: list[Piece], workers: int) -> None:
+    def run(self, work: Iterable[Piece], workers: int) -> None:
+        """Runs every piece; the walk that yields them overlaps the copying."""
         with ThreadPoolExecutor(workers, thread_name_prefix="convert") as pool:
             futures = [pool.submit(self._task, i, piece) for i, piece in enumerate(work)]
             try:
@@ -259,7 +258,8 @@ class _Pipeline:
             elif not target.zero_init:
                 target.zero(offset + start, end - start)
         self.done += length
-        self.progress.advance(100.0 * self.done / self.total, 0)
+        if self.total:
+            self.progress.advance(100.0 * self.done / self.total, 0)
         return writes
 
     def _buffer(self) -> bytearray:
@@ -270,11 +270,14 @@ class _Pipeline:
 
 
 def copy(
-    sources: Sources, target: Target, *, min_sparse: int, progress: Progress, workers: int = 4
+    sources: Sources, target: Target, *, min_sparse: int, progress: Progress, workers: int = 2
 ) -> None:
     """Copies the sources' guest contents to the target (see the module docstring)."""
-    work = pieces(sources, min_sparse=min_sparse)
-    total = sum(n for _, n, kind in work if kind == Kind.DATA)
+    work: Iterable[Piece] = pieces(sources, min_sparse=min_sparse)
+    total = 0
+    if progress.enabled:  # the total must be known before the first line
+        work = list(work)
+        total = sum(n for _, n, kind in work if kind == Kind.DATA)
     _Pipeline(sources, target, min_sparse, progress, total).run(work, workers)
     target.finish()
 
