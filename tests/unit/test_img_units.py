@@ -115,7 +115,7 @@ BLOCKS = st.sampled_from([b"\0" * 512, b"\0" * 511 + b"\1", b"\1" * 512])
 @given(
     blocks=st.lists(
         st.sampled_from([b"\0" * 512, b"\0" * 511 + b"\1", b"\1" * 512]), min_size=1, max_size=64
-    ),  # fmt: skip
+    ),
     base=st.integers(0, 15).map(lambda n: n * 512),
     grain=st.sampled_from([512, 1024, 4096]),
 )
