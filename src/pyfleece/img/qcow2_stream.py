@@ -6,7 +6,7 @@ out host clusters in sequence as data first arrives for a guest cluster (an L2 t
 before the first data cluster it maps, as QEMU places them), writes data straight to the
 file with ``pwritev``, keeps the current L2 table in memory, and at the end writes the L2
 and L1 tables and gives the image a fresh refcount structure
-(``check.write_refcount_structure``). Guest clusters that only ever receive zeros stay
+(``create.write_refcount_structure``). Guest clusters that only ever receive zeros stay
 unallocated (or become zero clusters when a backing file would otherwise show through).
 
 The image is valid only once ``finish`` has run, as with ``qemu-img convert`` (which writes
@@ -24,7 +24,7 @@ from array import array
 
 from pyfleece.block.file import FileNode
 from pyfleece.block.qcow2 import create
-from pyfleece.block.qcow2.check import write_refcount_structure
+from pyfleece.block.qcow2.create import write_refcount_structure
 from pyfleece.block.qcow2.format import OFLAG_COPIED, OFLAG_ZERO, Header
 
 

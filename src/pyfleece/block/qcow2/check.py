@@ -33,6 +33,7 @@ from enum import IntFlag
 
 from pyfleece.block.node import Node
 from pyfleece.block.qcow2.bitmaps import read_bitmaps
+from pyfleece.block.qcow2.create import write_refcount_structure
 from pyfleece.block.qcow2.format import (
     L1_RESERVED,
     L2_RESERVED_STANDARD,
@@ -59,7 +60,6 @@ BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
 MAX_SNAPSHOTS = 65536
 INCOMPAT_AT = 72  # header bytes 72..79: incompatible feature bits
-REFTABLE_AT = 48  # header bytes 48..59: refcount table offset and clusters
 MAX_L1_ENTRIES = (32 << 20) // 8
 
 
@@ -611,97 +611,6 @@ def rebuild_refcounts(img: _Image, refs: array[int]) -> None:
     entries = img.header.refcount_table_clusters * img.cs // 8
     img.reftable = img._read_u64s(img.reftable_offset, entries)
     img.blocks.clear()
-
-
-def write_refcount_structure(
-    file: Node, header: Header, refs: array[int], *, sync: bool = True
-) -> Header:
-    """Writes refcount blocks and a table holding ``refs[cluster]`` for each host cluster,
-    then points the header at them; returns the header as it now is.
-
-    The new blocks and table go, first fit, into clusters ``refs`` shows unreferenced, and
-    count themselves. They are written and synced before the header's refcount-table
-    fields change (one synced write), so a crash leaves either structure in force.
-    ``convert`` also uses this to give the qcow2 images it writes their refcounts (without
-    ``sync``, as qemu-img writes convert targets with cache=unsafe).
-    """
-    refs = array("Q", refs)
-    cb, cs = header.cluster_bits, header.cluster_size
-    per = 1 << (cb + 3 - header.refcount_order)
-    blocks: dict[int, int] = {}
-    table_start, table_clusters = 0, 0
-    cursor = [0]
-    while True:
-        changed = False
-        for index in range(-(-len(refs) // per)):
-            if index not in blocks and any(refs[index * per : (index + 1) * per]):
-                blocks[index] = _alloc(refs, 1, cursor)
-                changed = True
-        entries = -(-(max(blocks) + 1) // (cs // 8)) * (cs // 8)
-        if entries * 8 // cs != table_clusters:
-            for k in range(table_start, table_start + table_clusters):
-                refs[k] = 0
-            cursor[0] = min(cursor[0], table_start) if table_clusters else cursor[0]
-            table_clusters = entries * 8 // cs
-            table_start = _alloc(refs, table_clusters, cursor)
-            changed = True
-        if not changed:
-            break
-    codec = RefcountCodec(header.refcount_order)
-    table = array("Q", [0]) * (table_clusters * cs // 8)
-    for index, cluster in blocks.items():
-        table[index] = cluster << cb
-        file.write(cluster << cb, _encode_block(codec, cs, refs[index * per : (index + 1) * per]))
-    table.byteswap()
-    file.write(table_start << cb, table.tobytes())
-    if sync:
-        file.flush()
-    file.write(REFTABLE_AT, struct.pack(">QI", table_start << cb, table_clusters))
-    if sync:
-        file.flush()
-    return header.with_changes(
-        refcount_table_offset=table_start << cb, refcount_table_clusters=table_clusters
-    )
-
-
-def _alloc(refs: array[int], count: int, cursor: list[int]) -> int:
-    """First fit from ``cursor[0]`` (below which nothing is free): ``count`` unreferenced
-    clusters in a row, marked used; grows ``refs`` as needed."""
-    i = cursor[0]
-    while i < len(refs) and refs[i]:
-        i += 1
-    cursor[0] = i
-    start, run = i, 0
-    while run < count:
-        if i >= len(refs):
-            refs.extend(array("Q", [0]) * (count - run))
-        if refs[i] == 0:
-            run += 1
-        else:
-            start, run = i + 1, 0
-        i += 1
-    for k in range(start, start + count):
-        refs[k] = 1
-    if start == cursor[0]:
-        cursor[0] = start + count
-    return start
-
-
-_WIDTH_CODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
-
-
-def _encode_block(codec: RefcountCodec, cs: int, values: array[int]) -> bytes:
-    code = _WIDTH_CODES.get(codec.bits)
-    if code is not None and array(code).itemsize * 8 == codec.bits:
-        block = array(code, values)
-        if codec.bits > 8:
-            block.byteswap()
-        return block.tobytes() + bytes(cs - len(block) * block.itemsize)
-    out = bytearray(cs)
-    for index, value in enumerate(values):
-        if value:
-            codec.set(out, index, value)
-    return bytes(out)
 
 
 def _mark_clean(img: _Image) -> None:

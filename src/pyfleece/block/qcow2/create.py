@@ -14,6 +14,10 @@ writes; ``create_image`` performs them. The result is byte-identical to what qem
 writes, at every cluster size from 512 B to 2 MiB and every refcount width (the tests
 compare the files), so ``qemu-img check`` and ``qemu-img info`` see a QEMU image.
 
+``write_refcount_structure`` writes a whole new refcount structure for given refcounts
+(first fit into unreferenced clusters, self-describing, switched in by one header write):
+``check`` rebuilds broken refcounts with it and ``convert`` gives its new images theirs.
+
 Invariants: every cluster the plan references has refcount 1; the L1 table holds only
 zero entries; the file ends where QEMU's would (after the L1 table, or after the last
 refcount block if the allocator placed one later).
@@ -22,9 +26,12 @@ refcount block if the allocator placed one later).
 from __future__ import annotations
 
 import os
+import struct
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from pyfleece.block.node import Node
 from pyfleece.block.qcow2.format import (
     MAX_CLUSTER_BITS,
     MAX_L1_BYTES,
@@ -44,6 +51,7 @@ from pyfleece.errors import ConfigError
 #: QEMU's limit on the refcount table (in entries): 8 MiB of table.
 MAX_REFTABLE_ENTRIES = (8 << 20) // 8
 
+REFTABLE_AT = 48  # header bytes 48..59: refcount table offset u64 | clusters u32
 V3_SUFFIX = " (use version=v3 or greater)"
 
 
@@ -393,3 +401,97 @@ def _coalesce(writes: tuple[tuple[int, bytes], ...]) -> Iterator[tuple[int, byte
         step = 4 << 20
         for start in range(0, len(data), step):
             yield offset + start, data[start : start + step]
+
+
+# -- a whole refcount structure at once (check's rebuild, convert's new images) ----------
+
+
+def write_refcount_structure(
+    file: Node, header: Header, refs: array[int], *, sync: bool = True
+) -> Header:
+    """Writes refcount blocks and a table holding ``refs[cluster]`` for each host cluster,
+    then points the header at them; returns the header as it now is.
+
+    The new blocks and table go, first fit, into clusters ``refs`` shows unreferenced, and
+    count themselves. They are written and synced before the header's refcount-table
+    fields change (one synced write), so a crash leaves either structure in force.
+    ``convert`` also uses this to give the qcow2 images it writes their refcounts (without
+    ``sync``, as qemu-img writes convert targets with cache=unsafe).
+    """
+    refs = array("Q", refs)
+    cb, cs = header.cluster_bits, header.cluster_size
+    per = 1 << (cb + 3 - header.refcount_order)
+    blocks: dict[int, int] = {}
+    table_start, table_clusters = 0, 0
+    cursor = [0]
+    while True:
+        changed = False
+        for index in range(-(-len(refs) // per)):
+            if index not in blocks and any(refs[index * per : (index + 1) * per]):
+                blocks[index] = _alloc(refs, 1, cursor)
+                changed = True
+        entries = -(-(max(blocks) + 1) // (cs // 8)) * (cs // 8)
+        if entries * 8 // cs != table_clusters:
+            for k in range(table_start, table_start + table_clusters):
+                refs[k] = 0
+            cursor[0] = min(cursor[0], table_start) if table_clusters else cursor[0]
+            table_clusters = entries * 8 // cs
+            table_start = _alloc(refs, table_clusters, cursor)
+            changed = True
+        if not changed:
+            break
+    codec = RefcountCodec(header.refcount_order)
+    table = array("Q", [0]) * (table_clusters * cs // 8)
+    for index, cluster in blocks.items():
+        table[index] = cluster << cb
+        file.write(cluster << cb, _encode_block(codec, cs, refs[index * per : (index + 1) * per]))
+    table.byteswap()
+    file.write(table_start << cb, table.tobytes())
+    if sync:
+        file.flush()
+    file.write(REFTABLE_AT, struct.pack(">QI", table_start << cb, table_clusters))
+    if sync:
+        file.flush()
+    return header.with_changes(
+        refcount_table_offset=table_start << cb, refcount_table_clusters=table_clusters
+    )
+
+
+def _alloc(refs: array[int], count: int, cursor: list[int]) -> int:
+    """First fit from ``cursor[0]`` (below which nothing is free): ``count`` unreferenced
+    clusters in a row, marked used; grows ``refs`` as needed."""
+    i = cursor[0]
+    while i < len(refs) and refs[i]:
+        i += 1
+    cursor[0] = i
+    start, run = i, 0
+    while run < count:
+        if i >= len(refs):
+            refs.extend(array("Q", [0]) * (count - run))
+        if refs[i] == 0:
+            run += 1
+        else:
+            start, run = i + 1, 0
+        i += 1
+    for k in range(start, start + count):
+        refs[k] = 1
+    if start == cursor[0]:
+        cursor[0] = start + count
+    return start
+
+
+_WIDTH_CODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+
+
+def _encode_block(codec: RefcountCodec, cs: int, values: array[int]) -> bytes:
+    code = _WIDTH_CODES.get(codec.bits)
+    if code is not None and array(code).itemsize * 8 == codec.bits:
+        block = array(code, values)
+        if codec.bits > 8:
+            block.byteswap()
+        return block.tobytes() + bytes(cs - len(block) * block.itemsize)
+    out = bytearray(cs)
+    for index, value in enumerate(values):
+        if value:
+            codec.set(out, index, value)
+    return bytes(out)
