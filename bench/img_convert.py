@@ -101,7 +101,17 @@ def run(work: Path, qemu_img: str, rounds: int) -> int:
         timed(our_cmd, env)
     for a, b in ((src, p_qcow2), (src, work / "p.raw"), (work / "q.raw", work / "p.raw")):
         subprocess.run([qemu_img, "compare", "-q", str(a), str(b)], check=True)
+    tiny = work / "tiny.raw"
+    tiny.write_bytes(bytes(4096) + b"x" * 4096)
+    startup = (
+        min(
+            timed([qemu_img, "convert", "-O", "qcow2", str(tiny), str(work / "t.q")])
+            for _ in range(3)
+        ),
+        min(timed([*ours, "-O", "qcow2", str(tiny), str(work / "t.p")], env) for _ in range(3)),
+    )
     print(f"1 GiB source, {rounds} rounds; seconds (best / median)")
+    print(f"fixed cost (an 8 KiB image): qemu-img {startup[0]:.3f}   pyfleece {startup[1]:.3f}")
     for name, (qemu_cmd, our_cmd) in cases.items():
         q_times, p_times = [], []
         for i in range(rounds):
