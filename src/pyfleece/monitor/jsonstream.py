@@ -1,0 +1,518 @@
+"""QMP's input framing: a streaming JSON reader that behaves like QEMU's.
+
+QMP (qmp-spec.rst, "Protocol Specification") sends JSON objects back to back: one may span
+several reads or lines, several may share one line, and nothing separates them. QEMU frames
+them at the token level, and its observable behaviour on bad input is part of the protocol
+(clients resynchronise by provoking a lexical error). This reader reproduces it, measured
+against qemu-storage-daemon 7.2:
+
+- **Lexing** (bytes, not text): JSON tokens plus QEMU's extensions (``'single-quoted'``
+  strings, ``\\'`` escapes). A byte that cannot continue a token is a *lexical error*: the
+  partial token, including that byte, is reported as ``JSON parse error, stray '...'``, and the
+  lexer then skips input until a structural character (``[]{},:``), a control character other
+  than tab, or 0xFE/0xFF — QEMU's documented resynchronisation points.
+- **Framing**: tokens accumulate while a ``{`` or ``[`` is open. When the brace and bracket
+  counts return to zero (or either goes negative) the collected tokens are parsed as one
+  message. A lone scalar is a message of its own.
+- **Parsing** reports QEMU's texts ("expecting value", "expected separator in dict", "missing :
+  in object pair", "duplicate key", "invalid keyword 'x'", "invalid UTF-8 sequence in
+  string", ...). The first error wins.
+
+Invariants (Design invariant 3, bounded memory per connection):
+- a message never holds more than ``max_bytes`` of token text nor more than ``max_tokens``
+  tokens, and never nests deeper than ``max_nesting``; crossing a bound reports QEMU's
+  "JSON token size limit exceeded" / "... count limit ..." / "JSON nesting depth limit
+  exceeded" and drops the message;
+- a single token that would cross ``max_bytes`` is abandoned at once and the lexer skips to
+  the next resynchronisation point, so a multi-megabyte line costs no memory (QEMU instead
+  cuts such a token into pieces; we resynchronise, which is what a client wants);
+- the parser is iterative, so nesting depth never touches Python's recursion limit.
+
+Pure: no I/O. ``JsonStreamer.feed(bytes)`` returns the messages completed so far.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+
+class Tok(IntEnum):
+    """Token kinds."""
+
+    LCURLY = 1
+    RCURLY = 2
+    LSQUARE = 3
+    RSQUARE = 4
+    COMMA = 5
+    COLON = 6
+    STRING = 7
+    INTEGER = 8
+    FLOAT = 9
+    KEYWORD = 10
+
+
+_STRUCTURAL = {
+    ord("{"): Tok.LCURLY,
+    ord("}"): Tok.RCURLY,
+    ord("["): Tok.LSQUARE,
+    ord("]"): Tok.RSQUARE,
+    ord(","): Tok.COMMA,
+    ord(":"): Tok.COLON,
+}
+_SHARED = {kind: (kind, b"") for kind in _STRUCTURAL.values()}
+
+_WHITESPACE = re.compile(rb"[ \t\r\n]+")
+_KEYWORD = re.compile(rb"[a-z]+")
+# Inside a string: the next byte that is not plain content.
+_STRING_STOP = {q: re.compile(rb"[\\\x00-\x1f\xfe\xff" + q + rb"]") for q in (b'"', b"'")}
+# While recovering from a lexical error: the next resynchronisation point.
+_RESYNC = re.compile(rb"[\x00-\x08\x0a-\x1f\xfe\xff\[\]{}:,]")
+
+
+class _Lex(IntEnum):
+    START = 0
+    STRING = 1
+    ESCAPE = 2  # in a string, right after a backslash
+    KEYWORD = 3
+    RECOVERY = 4
+    # number states, named after the part of the number being read
+    SIGN = 10
+    ZERO = 11
+    DIGITS = 12
+    MANTISSA = 13
+    MANTISSA_DIGITS = 14
+    EXP_E = 15
+    EXP_SIGN = 16
+    EXP_DIGITS = 17
+
+
+_DIGIT = frozenset(b"0123456789")
+_NUMBER_STATES = frozenset(s for s in _Lex if s >= _Lex.SIGN)
+
+
+def _number_step(state: _Lex, byte: int) -> _Lex | Tok | None:
+    """One transition of the number automaton: the next state, a finished token (the byte
+    is not part of it), or None for a lexical error (the byte is part of the stray text)."""
+    digit = byte in _DIGIT
+    if state is _Lex.SIGN:
+        return _Lex.ZERO if byte == 0x30 else (_Lex.DIGITS if digit else None)
+    if state is _Lex.ZERO:
+        return None if digit else (_Lex.MANTISSA if byte == 0x2E else Tok.INTEGER)
+    if state is _Lex.DIGITS:
+        if digit:
+            return _Lex.DIGITS
+        if byte in b"eE":
+            return _Lex.EXP_E
+        return _Lex.MANTISSA if byte == 0x2E else Tok.INTEGER
+    if state is _Lex.MANTISSA:
+        return _Lex.MANTISSA_DIGITS if digit else None
+    if state is _Lex.MANTISSA_DIGITS:
+        if digit:
+            return _Lex.MANTISSA_DIGITS
+        return _Lex.EXP_E if byte in b"eE" else Tok.FLOAT
+    if state is _Lex.EXP_E:
+        if byte in b"+-":
+            return _Lex.EXP_SIGN
+        return _Lex.EXP_DIGITS if digit else None
+    if state is _Lex.EXP_SIGN:
+        return _Lex.EXP_DIGITS if digit else None
+    return _Lex.EXP_DIGITS if digit else Tok.FLOAT  # EXP_DIGITS
+
+
+@dataclass(frozen=True)
+class Message:
+    """One framed input: a parsed value, or QEMU's error text for it."""
+
+    value: Any = None
+    error: str | None = None
+
+
+class JsonStreamer:
+    """Turns a byte stream into QMP messages (see the module docstring)."""
+
+    def __init__(
+        self, *, max_bytes: int = 1 << 20, max_tokens: int = 1 << 16, max_nesting: int = 1024
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.max_tokens = max_tokens
+        self.max_nesting = max_nesting
+        self._state = _Lex.START
+        self._token = bytearray()
+        self._quote = b'"'
+        self._tokens: list[tuple[Tok, bytes]] = []
+        self._size = 0
+        self._braces = 0
+        self._brackets = 0
+        self._out: list[Message] = []
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Consumes ``data``; returns the messages it completed, in order."""
+        pos, end = 0, len(data)
+        while pos < end:
+            pos = self._step(data, pos)
+        out, self._out = self._out, []
+        return out
+
+    # -- lexer -----------------------------------------------------------------------------
+
+    def _step(self, data: bytes, pos: int) -> int:
+        state = self._state
+        if state is _Lex.START:
+            return self._start(data, pos)
+        if state is _Lex.STRING:
+            return self._string(data, pos)
+        if state is _Lex.ESCAPE:
+            return self._escape(data, pos)
+        if state is _Lex.RECOVERY:
+            match = _RESYNC.search(data, pos)
+            if match is None:
+                return len(data)
+            self._state = _Lex.START
+            return match.start()
+        if state is _Lex.KEYWORD:
+            match = _KEYWORD.match(data, pos)
+            if match is not None:
+                return self._grow(data, pos, match.end())
+            self._emit_token(Tok.KEYWORD)
+            return pos
+        return self._number(data, pos)
+
+    def _start(self, data: bytes, pos: int) -> int:
+        byte = data[pos]
+        kind = _STRUCTURAL.get(byte)
+        if kind is not None:
+            self._push(kind, b"")
+            return pos + 1
+        if byte in b" \t\r\n":
+            match = _WHITESPACE.match(data, pos)
+            return match.end() if match else pos + 1
+        self._token.clear()
+        if byte in b"\"'":
+            self._quote = bytes((byte,))
+            self._token.append(byte)
+            self._state = _Lex.STRING
+            return pos + 1
+        if byte == 0x2D or byte in _DIGIT:
+            self._token.append(byte)
+            if byte == 0x2D:
+                self._state = _Lex.SIGN
+            else:
+                self._state = _Lex.ZERO if byte == 0x30 else _Lex.DIGITS
+            return pos + 1
+        if 0x61 <= byte <= 0x7A:
+            self._state = _Lex.KEYWORD
+            return pos
+        self._token.append(byte)
+        self._lex_error()
+        return pos + 1
+
+    def _string(self, data: bytes, pos: int) -> int:
+        match = _STRING_STOP[self._quote].search(data, pos)
+        if match is None:
+            return self._grow(data, pos, len(data))
+        stop = match.start()
+        pos = self._grow(data, pos, stop)
+        if self._state is not _Lex.STRING:  # abandoned: too long
+            return pos
+        byte = data[stop]
+        self._token.append(byte)
+        if byte == 0x5C:
+            self._state = _Lex.ESCAPE
+        elif bytes((byte,)) == self._quote:
+            self._emit_token(Tok.STRING)
+        else:  # a control character or 0xFE/0xFF inside a string
+            self._lex_error()
+        return stop + 1
+
+    def _escape(self, data: bytes, pos: int) -> int:
+        byte = data[pos]
+        self._token.append(byte)
+        if 0x20 <= byte <= 0xFD:
+            self._state = _Lex.STRING
+        else:
+            self._lex_error()
+        return pos + 1
+
+    def _number(self, data: bytes, pos: int) -> int:
+        end = len(data)
+        state = self._state
+        start = pos
+        while pos < end:
+            nxt = _number_step(state, data[pos])
+            if nxt is None:
+                self._token += data[start : pos + 1]
+                self._lex_error()
+                return pos + 1
+            if isinstance(nxt, Tok):
+                self._token += data[start:pos]
+                self._emit_token(nxt)
+                return pos
+            state = nxt
+            pos += 1
+        self._state = state
+        return self._grow(data, start, end)
+
+    def _grow(self, data: bytes, start: int, stop: int) -> int:
+        """Appends data[start:stop] to the current token unless that crosses the bound."""
+        if self._size + len(self._token) + (stop - start) + 1 > self.max_bytes:
+            self._token.clear()
+            self._fail("JSON token size limit exceeded")
+            self._state = _Lex.RECOVERY
+            return stop
+        self._token += data[start:stop]
+        return stop
+
+    def _lex_error(self) -> None:
+        stray = bytes(self._token).split(b"\x00", 1)[0].decode("utf-8", "replace")
+        self._token.clear()
+        self._state = _Lex.RECOVERY
+        self._fail(f"JSON parse error, stray '{stray}'")
+
+    def _emit_token(self, kind: Tok) -> None:
+        text = bytes(self._token)
+        self._token.clear()
+        self._state = _Lex.START
+        self._push(kind, text)
+
+    # -- framing ---------------------------------------------------------------------------
+
+    def _push(self, kind: Tok, text: bytes) -> None:
+        if kind is Tok.LCURLY:
+            self._braces += 1
+        elif kind is Tok.RCURLY:
+            self._braces -= 1
+        elif kind is Tok.LSQUARE:
+            self._brackets += 1
+        elif kind is Tok.RSQUARE:
+            self._brackets -= 1
+        if self._size + len(text) + 1 > self.max_bytes:
+            self._fail("JSON token size limit exceeded")
+            return
+        if len(self._tokens) + 1 > self.max_tokens:
+            self._fail("JSON token count limit exceeded")
+            return
+        if self._braces + self._brackets > self.max_nesting:
+            self._fail("JSON nesting depth limit exceeded")
+            return
+        self._tokens.append(_SHARED[kind] if not text else (kind, text))
+        self._size += len(text) + 1
+        if (self._braces > 0 or self._brackets > 0) and self._braces >= 0 and self._brackets >= 0:
+            return
+        tokens = self._tokens
+        self._reset()
+        try:
+            self._out.append(Message(value=parse_tokens(tokens)))
+        except JsonError as err:
+            self._out.append(Message(error=f"JSON parse error, {err}"))
+
+    def _fail(self, message: str) -> None:
+        self._reset()
+        self._out.append(Message(error=message))
+
+    def _reset(self) -> None:
+        self._tokens = []
+        self._size = 0
+        self._braces = 0
+        self._brackets = 0
+
+
+class JsonError(Exception):
+    """A message's tokens do not form a JSON value (QEMU's parser wording)."""
+
+
+def parse_tokens(tokens: list[tuple[Tok, bytes]]) -> Any:
+    """Parses one framed message. Iterative: nesting depth costs heap, not stack.
+
+    Raises:
+        JsonError: with QEMU's text for the first problem found.
+    """
+    reader = _Tokens(tokens)
+    stack: list[list[Any]] = []  # each open container: [container, key being filled]
+    while True:
+        kind, text = reader.next()
+        if kind is Tok.LCURLY or kind is Tok.LSQUARE:
+            close = Tok.RCURLY if kind is Tok.LCURLY else Tok.RSQUARE
+            value: Any = {} if kind is Tok.LCURLY else []
+            if reader.peek() is close:
+                reader.next()
+            else:
+                stack.append([value, None])
+                if kind is Tok.LCURLY:
+                    _object_key(reader, stack[-1])
+                continue
+        else:
+            value = _scalar(kind, text)
+        # Attach the value to its parent; close every container that ends here.
+        while stack:
+            frame = stack[-1]
+            parent = frame[0]
+            if isinstance(parent, dict):
+                parent[frame[1]] = value
+            else:
+                parent.append(value)
+            kind = reader.next()[0]
+            closer, what = (
+                (Tok.RCURLY, "dict") if isinstance(parent, dict) else (Tok.RSQUARE, "list")
+            )
+            if kind is closer:
+                value = stack.pop()[0]
+                continue
+            if kind is not Tok.COMMA:
+                raise JsonError(f"expected separator in {what}")
+            if isinstance(parent, dict):
+                _object_key(reader, frame)
+            break
+        else:
+            return value
+
+
+class _Tokens:
+    """A cursor over a message's tokens."""
+
+    def __init__(self, tokens: list[tuple[Tok, bytes]]) -> None:
+        self.tokens = tokens
+        self.pos = 0
+
+    def next(self) -> tuple[Tok, bytes]:
+        if self.pos >= len(self.tokens):
+            raise JsonError("premature EOI")
+        token = self.tokens[self.pos]
+        self.pos += 1
+        return token
+
+    def peek(self) -> Tok | None:
+        return self.tokens[self.pos][0] if self.pos < len(self.tokens) else None
+
+
+def _object_key(reader: _Tokens, frame: list[Any]) -> None:
+    """Reads ``"key" :`` for the object in ``frame`` and records the key."""
+    start = reader.pos
+    kind, text = reader.next()
+    if kind is Tok.LCURLY or kind is Tok.LSQUARE:
+        # QEMU parses the would-be key as a whole value before judging it: report an
+        # error inside it first, then that a container is not a string.
+        reader.pos = start
+        _skip_value(reader)
+        raise JsonError("key is not a string in object")
+    key = _scalar(kind, text)
+    if not isinstance(key, str):
+        raise JsonError("key is not a string in object")
+    if reader.next()[0] is not Tok.COLON:
+        raise JsonError("missing : in object pair")
+    if key in frame[0]:
+        raise JsonError("duplicate key")
+    frame[1] = key
+
+
+def _skip_value(reader: _Tokens) -> None:
+    depth = 0
+    start = reader.pos
+    while True:
+        kind = reader.next()[0]
+        if kind in (Tok.LCURLY, Tok.LSQUARE):
+            depth += 1
+        elif kind in (Tok.RCURLY, Tok.RSQUARE):
+            depth -= 1
+        if depth <= 0:
+            parse_tokens(reader.tokens[start : reader.pos])
+            return
+
+
+def _scalar(kind: Tok, text: bytes) -> Any:
+    if kind is Tok.STRING:
+        return decode_string(text)
+    if kind is Tok.INTEGER:
+        value = int(text)
+        if -(1 << 63) <= value < (1 << 64):
+            return value
+        return float(value)
+    if kind is Tok.FLOAT:
+        return float(text)
+    if kind is Tok.KEYWORD:
+        if text == b"true":
+            return True
+        if text == b"false":
+            return False
+        if text == b"null":
+            return None
+        raise JsonError(f"invalid keyword '{text.decode('ascii', 'replace')}'")
+    raise JsonError("expecting value")
+
+
+_SIMPLE_ESCAPES = {
+    ord('"'): '"',
+    ord("'"): "'",
+    ord("\\"): "\\",
+    ord("/"): "/",
+    ord("b"): "\b",
+    ord("f"): "\f",
+    ord("n"): "\n",
+    ord("r"): "\r",
+    ord("t"): "\t",
+}
+_HEX4 = re.compile(rb"[0-9a-fA-F]{4}")
+
+
+def decode_string(token: bytes) -> str:
+    """Decodes a string token (quotes included) the way QEMU does: escapes, surrogate pairs,
+    and "modified UTF-8" (the overlong C0 80 stands for U+0000).
+
+    Raises:
+        JsonError: an invalid escape or byte sequence.
+    """
+    body = token[1:-1]
+    if b"\\" not in body:
+        return _utf8(body)
+    parts: list[str] = []
+    pos = 0
+    while True:
+        slash = body.find(b"\\", pos)
+        if slash < 0:
+            parts.append(_utf8(body[pos:]))
+            return "".join(parts)
+        parts.append(_utf8(body[pos:slash]))
+        code = body[slash + 1]
+        if code == 0x75:  # \uXXXX
+            char, pos = _unicode_escape(body, slash)
+            parts.append(char)
+            continue
+        simple = _SIMPLE_ESCAPES.get(code)
+        if simple is None:
+            raise JsonError("invalid escape sequence in string")
+        parts.append(simple)
+        pos = slash + 2
+
+
+def _unicode_escape(body: bytes, slash: int) -> tuple[str, int]:
+    def bad(at: int) -> JsonError:
+        shown = (body[at : at + 6] + b'"')[:6].decode("utf-8", "replace")
+        return JsonError(f"{shown} is not a valid Unicode character")
+
+    if not _HEX4.match(body, slash + 2):
+        raise bad(slash)
+    unit = int(body[slash + 2 : slash + 6], 16)
+    pos = slash + 6
+    if 0xDC00 <= unit <= 0xDFFF:
+        raise bad(slash)
+    if 0xD800 <= unit <= 0xDBFF:
+        low = body[pos : pos + 2] == b"\\u" and _HEX4.match(body, pos + 2)
+        low_unit = int(body[pos + 2 : pos + 6], 16) if low else 0
+        if not 0xDC00 <= low_unit <= 0xDFFF:
+            raise bad(slash)
+        unit = 0x10000 + ((unit - 0xD800) << 10) + (low_unit - 0xDC00)
+        pos += 6
+    return chr(unit), pos
+
+
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    try:
+        return raw.replace(b"\xc0\x80", b"\x00").decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise JsonError("invalid UTF-8 sequence in string") from err
