@@ -33,6 +33,7 @@ Pure: no I/O. ``JsonStreamer.feed(bytes)`` returns the messages completed so far
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from enum import IntEnum
@@ -124,21 +125,33 @@ def _number_step(state: _Lex, byte: int) -> _Lex | Tok | None:
 
 @dataclass(frozen=True)
 class Message:
-    """One framed input: a parsed value, or QEMU's error text for it."""
+    """One framed input: a parsed value, or QEMU's error text for it. A ``fatal`` error
+    means the input cannot be resynchronised: the connection should be closed."""
 
     value: Any = None
     error: str | None = None
+    fatal: bool = False
 
 
 class JsonStreamer:
     """Turns a byte stream into QMP messages (see the module docstring)."""
 
     def __init__(
-        self, *, max_bytes: int = 1 << 20, max_tokens: int = 1 << 16, max_nesting: int = 1024
+        self,
+        *,
+        max_bytes: int = 1 << 20,
+        max_tokens: int = 1 << 16,
+        max_nesting: int = 1024,
+        max_discard: int = 64 << 20,
     ) -> None:
         self.max_bytes = max_bytes
         self.max_tokens = max_tokens
         self.max_nesting = max_nesting
+        self.max_discard = max_discard
+        self._discarding = False  # skipping the rest of a message that crossed a bound
+        self._discarded = 0
+        self._dropping = False  # skipping the rest of a token that crossed the size bound
+        self.broken = False  # gave up resynchronising: nothing more will be parsed
         self._state = _Lex.START
         self._token = bytearray()
         self._quote = b'"'
@@ -150,9 +163,20 @@ class JsonStreamer:
 
     def feed(self, data: bytes) -> list[Message]:
         """Consumes ``data``; returns the messages it completed, in order."""
+        if self.broken:
+            return []
         pos, end = 0, len(data)
         while pos < end:
+            start = pos
             pos = self._step(data, pos)
+            if self._discarding:
+                self._discarded += pos - start
+                if self._discarded > self.max_discard:
+                    self.broken = True
+                    self._out.append(
+                        Message(error="JSON message too large to resynchronise", fatal=True)
+                    )
+                    break
         out, self._out = self._out, []
         return out
 
@@ -214,11 +238,10 @@ class JsonStreamer:
         if match is None:
             return self._grow(data, pos, len(data))
         stop = match.start()
-        pos = self._grow(data, pos, stop)
-        if self._state is not _Lex.STRING:  # abandoned: too long
-            return pos
+        self._grow(data, pos, stop)
         byte = data[stop]
-        self._token.append(byte)
+        if not self._dropping:
+            self._token.append(byte)
         if byte == 0x5C:
             self._state = _Lex.ESCAPE
         elif bytes((byte,)) == self._quote:
@@ -229,7 +252,8 @@ class JsonStreamer:
 
     def _escape(self, data: bytes, pos: int) -> int:
         byte = data[pos]
-        self._token.append(byte)
+        if not self._dropping:
+            self._token.append(byte)
         if 0x20 <= byte <= 0xFD:
             self._state = _Lex.STRING
         else:
@@ -243,11 +267,11 @@ class JsonStreamer:
         while pos < end:
             nxt = _number_step(state, data[pos])
             if nxt is None:
-                self._token += data[start : pos + 1]
+                self._grow(data, start, pos + 1)
                 self._lex_error()
                 return pos + 1
             if isinstance(nxt, Tok):
-                self._token += data[start:pos]
+                self._grow(data, start, pos)
                 self._emit_token(nxt)
                 return pos
             state = nxt
@@ -256,11 +280,18 @@ class JsonStreamer:
         return self._grow(data, start, end)
 
     def _grow(self, data: bytes, start: int, stop: int) -> int:
-        """Appends data[start:stop] to the current token unless that crosses the bound."""
+        """Appends data[start:stop] to the current token, unless that crosses the size bound:
+        then the token is dropped (lexed to its end, not kept) and its message discarded."""
+        if self._dropping:
+            return stop
+        if self._discarding:  # inside a message already answered: keep nothing
+            self._token.clear()
+            self._dropping = True
+            return stop
         if self._size + len(self._token) + (stop - start) + 1 > self.max_bytes:
             self._token.clear()
-            self._fail("JSON token size limit exceeded")
-            self._state = _Lex.RECOVERY
+            self._dropping = True
+            self._limit("JSON token size limit exceeded")
             return stop
         self._token += data[start:stop]
         return stop
@@ -269,12 +300,22 @@ class JsonStreamer:
         stray = bytes(self._token).split(b"\x00", 1)[0].decode("utf-8", "replace")
         self._token.clear()
         self._state = _Lex.RECOVERY
+        if self._dropping or self._discarding:
+            self._dropping = False
+            if not self._open():
+                self._reset()  # the skipped message ends here; recovery resynchronises
+            return  # part of a message already answered
         self._fail(f"JSON parse error, stray '{stray}'")
 
     def _emit_token(self, kind: Tok) -> None:
         text = bytes(self._token)
         self._token.clear()
         self._state = _Lex.START
+        if self._dropping:
+            self._dropping = False
+            if not self._open():
+                self._reset()  # a dropped top-level token was the whole message
+            return
         self._push(kind, text)
 
     # -- framing ---------------------------------------------------------------------------
@@ -288,18 +329,22 @@ class JsonStreamer:
             self._brackets += 1
         elif kind is Tok.RSQUARE:
             self._brackets -= 1
+        if self._discarding:
+            if not self._open():
+                self._reset()
+            return
         if self._size + len(text) + 1 > self.max_bytes:
-            self._fail("JSON token size limit exceeded")
+            self._limit("JSON token size limit exceeded")
             return
         if len(self._tokens) + 1 > self.max_tokens:
-            self._fail("JSON token count limit exceeded")
+            self._limit("JSON token count limit exceeded")
             return
         if self._braces + self._brackets > self.max_nesting:
-            self._fail("JSON nesting depth limit exceeded")
+            self._limit("JSON nesting depth limit exceeded")
             return
         self._tokens.append(_SHARED[kind] if not text else (kind, text))
         self._size += len(text) + 1
-        if (self._braces > 0 or self._brackets > 0) and self._braces >= 0 and self._brackets >= 0:
+        if self._open():
             return
         tokens = self._tokens
         self._reset()
@@ -308,15 +353,34 @@ class JsonStreamer:
         except JsonError as err:
             self._out.append(Message(error=f"JSON parse error, {err}"))
 
+    def _open(self) -> bool:
+        """Whether the message being framed continues (QEMU's rule)."""
+        return (
+            (self._braces > 0 or self._brackets > 0) and self._braces >= 0 and self._brackets >= 0
+        )
+
     def _fail(self, message: str) -> None:
         self._reset()
         self._out.append(Message(error=message))
+
+    def _limit(self, message: str) -> None:
+        """A bound was crossed: one error, then the rest of that message is skipped (its
+        brackets still counted, its tokens not kept) so that it costs one error, not one per
+        token as in QEMU, and the stream resumes at the next message."""
+        self._out.append(Message(error=message))
+        self._tokens = []
+        self._size = 0
+        self._discarding = self._open() or self._state is not _Lex.START
+        self._discarded = 0
+        if not self._discarding:
+            self._reset()
 
     def _reset(self) -> None:
         self._tokens = []
         self._size = 0
         self._braces = 0
         self._brackets = 0
+        self._discarding = False
 
 
 class JsonError(Exception):
@@ -516,3 +580,39 @@ def _utf8(raw: bytes) -> str:
         return raw.replace(b"\xc0\x80", b"\x00").decode("utf-8")
     except UnicodeDecodeError as err:
         raise JsonError("invalid UTF-8 sequence in string") from err
+
+
+def encode(value: Any, *, pretty: bool = False) -> str:
+    """JSON text for a value, ASCII only. Values nested deeper than Python's recursion limit
+    (a client may send an ``id`` 1024 levels deep, and QMP echoes it) take an iterative path.
+    """
+    try:
+        return json.dumps(value, indent=4 if pretty else None)
+    except RecursionError:
+        return _encode_iteratively(value)
+
+
+def _encode_iteratively(value: Any) -> str:
+    out: list[str] = []
+    # Work items: a value to encode, or a literal piece of text to emit.
+    stack: list[tuple[bool, Any]] = [(True, value)]
+    while stack:
+        is_value, item = stack.pop()
+        if not is_value:
+            out.append(item)
+        elif isinstance(item, dict):
+            pieces: list[tuple[bool, Any]] = [(False, "{")]
+            for index, (key, member) in enumerate(item.items()):
+                prefix = ", " if index else ""
+                pieces += [(False, f"{prefix}{json.dumps(str(key))}: "), (True, member)]
+            pieces.append((False, "}"))
+            stack.extend(reversed(pieces))
+        elif isinstance(item, list | tuple):
+            pieces = [(False, "[")]
+            for index, member in enumerate(item):
+                pieces += [(False, ", " if index else ""), (True, member)]
+            pieces.append((False, "]"))
+            stack.extend(reversed(pieces))
+        else:
+            out.append(json.dumps(item))
+    return "".join(out)

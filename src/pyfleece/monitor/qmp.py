@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import json
 import logging
 import socket
 import threading
@@ -35,7 +34,7 @@ from pyfleece.errors import CommandError
 from pyfleece.events import Event
 from pyfleece.monitor.core import version_info
 from pyfleece.monitor.dispatch import Dispatcher
-from pyfleece.monitor.jsonstream import JsonStreamer, Message
+from pyfleece.monitor.jsonstream import JsonStreamer, Message, encode
 from pyfleece.monitor.schema import validate
 
 log = logging.getLogger(__name__)
@@ -55,6 +54,8 @@ class QmpLimits:
         max_message: bytes of token text one request may hold.
         max_tokens: tokens one request may hold.
         max_nesting: open ``{``/``[`` one request may nest (QEMU: 1024).
+        (A request crossing a bound gets one error; the rest of it is skipped, up to 64 times
+        ``max_message`` bytes, beyond which the connection is closed.)
         max_queued: bytes of replies and events waiting to be sent.
     """
 
@@ -88,6 +89,7 @@ class QmpSession:
             max_bytes=self.limits.max_message,
             max_tokens=self.limits.max_tokens,
             max_nesting=self.limits.max_nesting,
+            max_discard=64 * self.limits.max_message,
         )
         self._cond = threading.Condition()
         self._queue: deque[bytes] = deque()
@@ -147,12 +149,17 @@ class QmpSession:
                 with self._cond:
                     self._busy = True
                 try:
-                    if not self._send_reply(self._handle(message)):
-                        return
+                    sent = self._send_reply(self._handle(message))
                 finally:
                     with self._cond:
                         self._busy = False
                         self._cond.notify_all()
+                if not sent:
+                    return
+                if message.fatal:  # the input cannot be resynchronised: say so, then go
+                    self.log.warning("closing the connection: %s", message.error)
+                    self.close(drain=1.0)
+                    return
 
     def _handle(self, message: Message) -> dict[str, Any]:
         if message.error is not None:
@@ -197,8 +204,7 @@ class QmpSession:
     # -- output ----------------------------------------------------------------------------
 
     def _encode(self, message: dict[str, Any]) -> bytes:
-        text = json.dumps(message, indent=4 if self.pretty else None)
-        return text.encode("ascii") + b"\r\n"
+        return encode(message, pretty=self.pretty).encode("ascii") + b"\r\n"
 
     def _encode_reply(self, message: dict[str, Any]) -> bytes:
         try:
