@@ -324,19 +324,24 @@ def _read_rest(
     return len(text)
 
 
+_INT = re.compile(r"([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
 def _read_int(command: HmpCommand, spec: ArgSpec, text: str, pos: int, args: dict[str, Any]) -> int:
-    word, end = get_word(text, pos)
-    if word is None:
+    """A number as C's strtoull reads one (QEMU's expressions are not supported); what
+    follows it is the next argument's business."""
+    if pos >= len(text):
         raise HmpArgError("unexpected end of expression")
-    try:
-        value = int(word, 0) if not re.fullmatch(r"[+-]?0[0-7]+", word) else int(word, 8)
-    except ValueError:
-        bad = next((c for c in word if not c.isalnum()), word[0])
-        raise HmpArgError(f"invalid char '{bad}' in expression") from None
+    match = _INT.match(text, pos)
+    if match is None:
+        raise HmpArgError(f"invalid char '{text[pos]}' in expression")
+    sign, digits = match.groups()
+    base = 16 if digits[:2] in ("0x", "0X") else 8 if digits.startswith("0") else 10
+    value = int(digits, base) * (-1 if sign == "-" else 1)
     if spec.kind == "i" and (value >> 32) & 0xFFFFFFFF:  # as QEMU: negatives fail too
         raise HmpArgError(f"'{command.name}' has failed: integer is for 32-bit values")
     args[spec.key] = value
-    return end
+    return match.end()
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)([bBkKmMgGtTpPeE]?)$")
