@@ -24,7 +24,7 @@ import pytest
 from pyfleece.errors import CommandError
 from pyfleece.monitor.client import QmpConnection
 from pyfleece.monitor.core import create_dispatcher
-from pyfleece.monitor.jsonstream import encode
+from pyfleece.monitor.jsonvalue import encode
 from tests.integration.test_monitor_support import qemu_storage_daemon, register_stubs, serving
 
 SYNC = b'{"execute": "query-version", "id": "sync"}\n'

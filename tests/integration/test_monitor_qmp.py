@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -176,5 +177,40 @@ def test_tcp_chardev_and_several_sessions_per_socket(tmp_path: Path) -> None:
             assert conn.execute("query-version")["return"]["package"] == PACKAGE
         for conn in conns:
             conn.close()
+    finally:
+        server.stop()
+
+
+def test_pretty_monitor(tmp_path: Path) -> None:
+    from pyfleece.monitor.jsonstream import JsonStreamer
+    from pyfleece.monitor.options import parse_chardev, parse_monitor
+    from pyfleece.monitor.server import MonitorServer
+    from tests.integration.test_monitor_support import Context
+
+    path = str(tmp_path / "p.sock")
+    server = MonitorServer(
+        create_dispatcher(),
+        Context(),
+        [parse_monitor("p,pretty=on")],
+        [parse_chardev(f"socket,id=p,path={path},server=on,wait=off")],
+    )
+    server.start()
+    try:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        sock.settimeout(TIMEOUT)
+        sock.sendall(b'{"execute": "qmp_capabilities", "id": 1}')
+        streamer = JsonStreamer()
+        messages: list[Any] = []
+        raw = b""
+        while len(messages) < 2:
+            data = sock.recv(4096)
+            assert data
+            raw += data
+            messages += streamer.feed(data)
+        assert messages[0].value["QMP"]["version"]["package"] == PACKAGE
+        assert messages[1].value == {"return": {}, "id": 1}
+        assert raw.startswith(b'{\n    "QMP": {\n        "version": {\n')
+        sock.close()
     finally:
         server.stop()

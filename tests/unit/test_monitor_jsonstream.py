@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyfleece.monitor.jsonstream import JsonStreamer, Message, encode
+from pyfleece.monitor.jsonstream import JsonStreamer, Message
+from pyfleece.monitor.jsonvalue import encode
 
 STREAM = (
     b'{"execute": "a", "id": 1}{"execute":\n"b"}  \r\n'

@@ -34,7 +34,8 @@ from pyfleece.errors import CommandError
 from pyfleece.events import Event
 from pyfleece.monitor.core import version_info
 from pyfleece.monitor.dispatch import Dispatcher
-from pyfleece.monitor.jsonstream import JsonStreamer, Message, encode
+from pyfleece.monitor.jsonstream import JsonStreamer, Message
+from pyfleece.monitor.jsonvalue import encode
 from pyfleece.monitor.schema import validate
 
 log = logging.getLogger(__name__)

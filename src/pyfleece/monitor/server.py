@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import os
+import select
 import selectors
 import socket
 import threading
@@ -171,8 +172,9 @@ class MonitorServer:
                     return
                 try:
                     conn, _ = listener.sock.accept()
-                except OSError as err:
+                except OSError as err:  # EMFILE and the like: wait a little, or for stop
                     log.warning("accept on %s failed: %s", listener.monitor.chardev, err)
+                    select.select([self._wake_r], [], [], 0.1)
                     continue
                 self._start_session(listener.monitor, conn)
 
