@@ -57,3 +57,20 @@ def test_monitor_forms() -> None:
 def test_monitor_errors(text: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         parse_monitor(text)
+
+
+def test_server_plan_errors() -> None:
+    from pyfleece.monitor.core import create_dispatcher
+    from pyfleece.monitor.server import MonitorServer
+
+    chardevs = [ChardevSpec("a", path="/nonexistent/a.sock")]
+    with pytest.raises(ConfigError, match='chardev "b" not found'):
+        MonitorServer(create_dispatcher(), None, [MonitorSpec("b")], chardevs)
+    with pytest.raises(ConfigError, match="already used by another monitor"):
+        MonitorServer(create_dispatcher(), None, [MonitorSpec("a"), MonitorSpec("a")], chardevs)
+    with pytest.raises(ConfigError, match="duplicate chardev id"):
+        MonitorServer(create_dispatcher(), None, [], chardevs * 2)
+    server = MonitorServer(create_dispatcher(), None, [MonitorSpec("a")], chardevs)
+    with pytest.raises(ConfigError, match=r"Failed to bind socket to /nonexistent/a\.sock"):
+        server.start()
+    server.stop()  # harmless after a failed start

@@ -83,13 +83,15 @@ class MonitorServer:
             chardev = by_id.get(monitor.chardev)
             if chardev is None:
                 raise ConfigError(f'chardev "{monitor.chardev}" not found')
+            if any(c is chardev for _, c in self._plan):
+                raise ConfigError(f"chardev '{chardev.id}' is already used by another monitor")
             self._plan.append((monitor, chardev))
         self._listeners: list[_Listener] = []
         self._threads: list[threading.Thread] = []
         self._sessions: set[Session] = set()
         self._lock = threading.Lock()
         self._stopping = False
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r = self._wake_w = -1  # wakes the acceptors at stop (made by start)
         self._ids = itertools.count(1)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -106,6 +108,7 @@ class MonitorServer:
         except ConfigError:
             self._close_listeners()
             raise
+        self._wake_r, self._wake_w = os.pipe()
         for listener in self._listeners:
             self._spawn(f"monitor-accept-{listener.monitor.chardev}", self._accept_loop, listener)
 
@@ -123,7 +126,8 @@ class MonitorServer:
                 return
             self._stopping = True
             sessions = list(self._sessions)
-        os.write(self._wake_w, b"x")
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
         deadline = time.monotonic() + drain  # one drain budget shared by all sessions
         for session in sessions:
             session.close(drain=max(0.0, deadline - time.monotonic()))
@@ -132,8 +136,9 @@ class MonitorServer:
             if thread.is_alive():
                 log.warning("monitor thread %s did not stop within %.1fs", thread.name, timeout)
         self._close_listeners()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        if self._wake_w >= 0:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     # -- internals -------------------------------------------------------------------------
 
