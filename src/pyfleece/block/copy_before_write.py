@@ -116,6 +116,10 @@ class CopyBeforeWrite:
         self.bytes_copied = 0
         self.bytes_skipped = 0
         self.units_copied = 0
+        #: Threads blocked right now: claimers waiting for readers or other claims, and
+        #: readers waiting for claims (for tests that stage races, and for debugging).
+        self.waiting_claims = 0
+        self.waiting_readers = 0
         self.guard: SnapshotGuard | None = None
         self._backing_owned = False
         self._attached = False
@@ -157,6 +161,9 @@ class CopyBeforeWrite:
 
     def is_copied(self, unit: int) -> bool:
         return bool(self._copied[unit])
+
+    def is_claimed(self, unit: int) -> bool:
+        return bool(self._claimed[unit])
 
     def next_uncopied(self, offset: int) -> int | None:
         """Offset of the first unit at or after ``offset`` not copied yet, or None."""
@@ -243,7 +250,11 @@ class CopyBeforeWrite:
                         mine.add(u)
                 if not others and not (readers and any(u in readers for u in mine)):
                     return sorted(mine)
-                self._cond.wait()
+                self.waiting_claims += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self.waiting_claims -= 1
 
     def _release(self, mine: list[int], done: list[int]) -> None:
         with self._cond:
@@ -336,7 +347,11 @@ class CopyBeforeWrite:
         copied, claimed, readers = self._copied, self._claimed, self._readers
         with self._cond:
             while claimed.find(1, first, last + 1) >= 0:
-                self._cond.wait()
+                self.waiting_readers += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self.waiting_readers -= 1
             held = [u for u in range(first, last + 1) if not copied[u]]
             for u in held:
                 readers[u] = readers.get(u, 0) + 1
