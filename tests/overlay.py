@@ -69,10 +69,12 @@ class OverlayNode(Node):
                     part[:] = data[within : within + n] if data is not None else bytes(n)
             if not present:
                 backing = self.child("backing")
-                if backing is None:
-                    part[:] = bytes(n)
-                else:
-                    backing.readinto(index * cs + within, part)
+                pos = index * cs + within
+                avail = 0 if backing is None else max(0, min(n, backing.size - pos))
+                if avail:
+                    assert backing is not None
+                    backing.readinto(pos, part[:avail])
+                part[avail:] = bytes(n - avail)
 
     def _write(self, offset: int, data: memoryview, fua: bool) -> None:
         cs = self.cluster_size
@@ -85,7 +87,8 @@ class OverlayNode(Node):
                 base = bytearray(cs)
                 backing = self.child("backing")
                 if backing is not None:
-                    backing.readinto(index * cs, memoryview(base))
+                    avail = max(0, min(cs, backing.size - index * cs))
+                    backing.readinto(index * cs, memoryview(base)[:avail])
             with self._lock:
                 cluster = self._clusters.get(index)
                 if index not in self._clusters:

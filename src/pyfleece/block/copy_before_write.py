@@ -52,6 +52,7 @@ MIN_UNIT = 64 * 1024
 MAX_PIECE = 4 * 1024 * 1024
 
 _WRITE_KINDS = frozenset({ReqKind.WRITE, ReqKind.ZERO, ReqKind.DISCARD})
+_NONE: set[int] = set()
 
 
 class CopyFailed(BlockError):
@@ -249,6 +250,7 @@ class CopyBeforeWrite:
                         claimed[u] = 1
                         mine.add(u)
                 if not others and not (readers and any(u in readers for u in mine)):
+                    self._local.mine = mine
                     return sorted(mine)
                 self.waiting_claims += 1
                 try:
@@ -257,6 +259,7 @@ class CopyBeforeWrite:
                     self.waiting_claims -= 1
 
     def _release(self, mine: list[int], done: list[int]) -> None:
+        self._local.mine = _NONE
         with self._cond:
             for u in done:
                 self._copied[u] = 1
@@ -310,27 +313,54 @@ class CopyBeforeWrite:
             raise CopyFailed(err.errno, f"copy-before-write: {err}", "read") from err
 
     def _copy_bytes(self, offset: int, length: int) -> None:
-        """Copies [offset, offset+length) from source to target; zeros as explicit zeros."""
-        for ext in list(self._source_extents(offset, length)):
-            if ext.zero and not ext.data:
-                try:
-                    self.target.write_zeroes(ext.offset, ext.length)
-                except BlockError as err:
-                    raise CopyFailed(err.errno, f"copy-before-write: {err}", "write") from err
+        """Copies whole units [offset, offset+length) from source to target.
+
+        Units that read as zeros become explicit zeros on the target; the others are
+        copied as data. Each target request covers whole units (so whole target clusters):
+        a partial-cluster write would make the target read its backing for the rest.
+        """
+        unit = self.unit
+        zero = self._zero_units(offset, length)
+        first, last = offset // unit, (offset + length - 1) // unit
+        lo = first
+        for u in range(first + 1, last + 2):
+            if u <= last and (u in zero) == (lo in zero):
                 continue
-            pos, end = ext.offset, ext.offset + ext.length
-            while pos < end:
-                n = min(MAX_PIECE, end - pos)
-                view = self._buffer(n)
-                try:
-                    self.source.readinto(pos, view)
-                except BlockError as err:
-                    raise CopyFailed(err.errno, f"copy-before-write: {err}", "read") from err
-                try:
-                    self.target.write(pos, view)
-                except BlockError as err:
-                    raise CopyFailed(err.errno, f"copy-before-write: {err}", "write") from err
-                pos += n
+            s, e = lo * unit, min(u * unit, self.size)
+            if lo in zero:
+                self._write_target(s, e - s, None)
+            else:
+                piece = max(unit, MAX_PIECE // unit * unit)
+                for pos in range(s, e, piece):
+                    n = min(piece, e - pos)
+                    view = self._buffer(n)
+                    try:
+                        self.source.readinto(pos, view)
+                    except BlockError as err:
+                        raise CopyFailed(err.errno, f"copy-before-write: {err}", "read") from err
+                    self._write_target(pos, n, view)
+            lo = u
+
+    def _zero_units(self, offset: int, length: int) -> set[int]:
+        """The units of the range that read entirely as zeros on the source."""
+        unit, zero = self.unit, set[int]()
+        for ext in self._source_extents(offset, length):
+            if ext.zero and not ext.data:
+                lo = -(-ext.offset // unit)
+                hi = (ext.offset + ext.length) // unit
+                if ext.offset + ext.length >= self.size:
+                    hi = self.units
+                zero.update(range(lo, hi))
+        return zero
+
+    def _write_target(self, offset: int, length: int, data: memoryview | None) -> None:
+        try:
+            if data is None:
+                self.target.write_zeroes(offset, length)
+            else:
+                self.target.write(offset, data)
+        except BlockError as err:
+            raise CopyFailed(err.errno, f"copy-before-write: {err}", "write") from err
 
     def _buffer(self, n: int) -> memoryview:
         buf: bytearray | None = getattr(self._local, "buf", None)
@@ -345,8 +375,11 @@ class CopyBeforeWrite:
         """Waits until no claim on [first, last] is in flight, then holds the uncopied
         units shared; returns them (pass the list to ``unshare``)."""
         copied, claimed, readers = self._copied, self._claimed, self._readers
+        mine: set[int] = getattr(self._local, "mine", _NONE)
         with self._cond:
-            while claimed.find(1, first, last + 1) >= 0:
+            while claimed.find(1, first, last + 1) >= 0 and not all(
+                u in mine for u in range(first, last + 1) if claimed[u]
+            ):
                 self.waiting_readers += 1
                 try:
                     self._cond.wait()

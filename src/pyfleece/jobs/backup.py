@@ -100,15 +100,18 @@ class BackupJob(Job):
     # -- lifecycle --------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Takes the references and the snapshot (before ``start``)."""
+        """Takes the references and the snapshot (before ``start``).
+
+        The source's reference is taken after the guard's, so that deleting a fleeced
+        source names the target's backing edge first, as QEMU does.
+        """
         holder = f"block job '{self.id}'"
-        self._refs = [
-            self.target.add_ref(holder, BUSY_REASON, hard=True),
-            self.source.add_ref(holder, BUSY_REASON, hard=True),
-        ]
+        self._refs = [self.target.add_ref(holder, BUSY_REASON, hard=True)]
         try:
             self.cbw.attach()
+            self._refs.append(self.source.add_ref(holder, BUSY_REASON, hard=True))
         except BaseException:
+            self.cbw.detach()
             self._release_refs()
             raise
 
