@@ -203,3 +203,28 @@ def test_writes_in_flight_when_the_job_starts_are_waited_for() -> None:
     attacher.finish()
     src.write(0, NEWER * 10)
     assert snap.read(0, 10) == NEW * 10  # the snapshot holds the write that began before it
+
+
+def test_job_end_waits_for_a_copy_in_flight_and_queries_still_answer() -> None:
+    bus = EventBus()
+    rec = Recorder(bus)
+    jobs = JobManager(bus, verb_timeout=10)
+    disk = MemoryNode("disk", SIZE)
+    disk.write(0, OLD * SIZE)
+    src = FaultNode("src", disk, owned=True, rules=[])
+    snap = OverlayNode("snap", SIZE, backing=src)
+    jobs.start_backup(src, snap, sync="none", job_id="j0")
+    rule, release = hold_first_read(src)
+    writer = Worker(lambda: src.write(0, NEW * 10))
+    assert rule.reached.wait(10)  # the guest's copy is in flight
+    canceller = Worker(lambda: jobs.block_job_cancel("j0"))
+    rec.wait_for("JOB_STATUS_CHANGE", status="aborting")
+    assert canceller.is_alive()  # the job is waiting for the copy before letting go
+    assert jobs.query_block_jobs()[0]["status"] == "aborting"
+    assert any("block job" in r.reason for r in snap.refs())
+    release.set()
+    writer.finish()
+    canceller.finish()
+    assert rec.named("BLOCK_JOB_CANCELLED")[0]["offset"] == UNIT
+    assert [r.reason for r in snap.refs()] == []
+    assert snap.read(0, UNIT) == OLD * UNIT and snap.child("backing") is src

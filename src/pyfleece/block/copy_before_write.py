@@ -145,11 +145,15 @@ class CopyBeforeWrite:
             tracker.end(marker)
 
     def detach(self) -> None:
-        """Stops copying and gives the target its source back as ``backing``."""
+        """Stops copying, waits for copies in flight (so the target may be deleted once
+        this returns), and gives the target its source back as ``backing``."""
         if not self._attached:
             return
         self._attached = False
         self.source.write_hooks = [h for h in self.source.write_hooks if h != self._hook]
+        with self._cond:
+            while self._claimed.find(1) >= 0:
+                self._cond.wait()
         if self.guard is not None and self.target.child("backing") is self.guard:
             self.target.attach_child("backing", self.source, owned=self._backing_owned)
 

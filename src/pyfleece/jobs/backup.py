@@ -176,6 +176,8 @@ class BackupJob(Job):
     def _on_copy_error(self, err: CopyFailed) -> None:
         """A guest write's copy failed (the guest already gets the error): apply the
         job's policy, failing the job on "report"."""
+        if self.status in (JobStatus.CONCLUDED, JobStatus.NULL):
+            return  # a copy that was in flight when the job ended
         if self.handle_error(err, self._policy(err), err.operation) == "report":
             self.fail(BlockError(err.errno, str(err)))
 

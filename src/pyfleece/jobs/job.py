@@ -158,28 +158,27 @@ class Job:
                         lambda: self.finalize_requested or self.cancelled or bool(self._failure)
                     )
                     failure = self._failure
-            if failure is None and not self.cancelled:
-                self._call(self.commit)
-                self._call(self.clean)
-                self.bus.emit("BLOCK_JOB_COMPLETED", self.event_data())
-            else:
-                self._conclude_aborted(failure)
+            success = failure is None and not self.cancelled
+            event = "BLOCK_JOB_COMPLETED"
+            if not success:
+                cancelled = self.cancelled or failure is None
+                code = errno.ECANCELED if failure is None or cancelled else failure.errno
+                self.error = os.strerror(code)
+                event = "BLOCK_JOB_CANCELLED" if cancelled else event
+                self._transition(S.ABORTING)
+        # Outside the lock: undoing graph changes may wait for I/O in flight, and queries
+        # must still answer meanwhile. No verb applies in aborting; in pending, finalize won.
+        self._call(self.commit if success else self.abort)
+        self._call(self.clean)
+        with self._cond:
+            data = self.event_data()
+            if event == "BLOCK_JOB_COMPLETED" and not success:
+                data["error"] = self.error
+            self.bus.emit(event, data)
             self._transition(S.CONCLUDED)
             if self.auto_dismiss:
                 self._dismiss()
             self._cond.notify_all()
-
-    def _conclude_aborted(self, failure: BlockError | None) -> None:
-        cancelled = self.cancelled or failure is None
-        code = errno.ECANCELED if failure is None or cancelled else failure.errno
-        self.error = os.strerror(code)
-        self._transition(S.ABORTING)
-        self._call(self.abort)
-        self._call(self.clean)
-        if cancelled:
-            self.bus.emit("BLOCK_JOB_CANCELLED", self.event_data())
-        else:
-            self.bus.emit("BLOCK_JOB_COMPLETED", {**self.event_data(), "error": self.error})
 
     def _call(self, step: Callable[[], None]) -> None:
         try:
