@@ -182,3 +182,34 @@ def test_guard_refuses_a_target_that_lost_a_copied_unit() -> None:
     with pytest.raises(Exception) as err:
         snap.read(0, 10)
     assert getattr(err.value, "errno", None) == errno.EIO
+
+
+# QEMU's image-fleecing scenario on a 64 MiB disk: (byte, offset, length).
+FLEECE_PATTERNS = [(0x5D, 0, 0x10000), (0xD5, 0x100000, 0x10000), (0xDC, 0x2000000, 0x10000),
+                   (0xCD, 0x3FF0000, 0x10000)]  # fmt: skip
+FLEECE_OVERWRITES = [(0xAB, 0, 0x10000), (0xAD, 0xF8000, 0x10000), (0x1D, 0x2008000, 0x10000),
+                     (0xEA, 0x3FE0000, 0x10000)]  # fmt: skip
+
+
+def test_image_fleecing_scenario_copies_six_units() -> None:
+    size = 64 * MiB
+    disk = MemoryNode("drive0", size)
+    for byte, offset, length in FLEECE_PATTERNS:
+        disk.write(offset, bytes([byte]) * length)
+    fleece = OverlayNode("fleece", size, backing=disk)
+    bus = EventBus()
+    jobs = JobManager(bus)
+    events: list[dict[str, object]] = []
+    bus.subscribe(lambda e: events.append(e.data) if e.name == "BLOCK_JOB_CANCELLED" else None)
+    jobs.start_backup(disk, fleece, sync="none", job_id="fleecing")
+    for byte, offset, length in FLEECE_PATTERNS:
+        assert fleece.read(offset, length) == bytes([byte]) * length
+    for byte, offset, length in FLEECE_OVERWRITES:
+        disk.write(offset, bytes([byte]) * length)
+    for byte, offset, length in FLEECE_PATTERNS:
+        assert fleece.read(offset, length) == bytes([byte]) * length
+    assert fleece.read(0xF8000, 0x8000) == bytes(0x8000)  # zero at snapshot time
+    jobs.block_job_cancel("fleecing")
+    assert events == [{"type": "backup", "device": "fleecing", "len": size, "offset": 393216,
+                       "speed": 0}]  # fmt: skip
+    assert sorted(fleece.allocated()) == [0, 15, 16, 512, 513, 1022]
