@@ -99,14 +99,22 @@ class JobManager:
         return job
 
     def _check_not_target(self, node: Node) -> None:
-        for job in self.jobs():
+        with self._lock:
+            self._check_not_target_locked(node)
+
+    def _check_not_target_locked(self, node: Node) -> None:
+        # Reads job.status without the job's lock (an attribute read), keeping lock order.
+        for job in self._jobs.values():
             if isinstance(job, BackupJob) and job.target is node and job.status not in _FINISHED:
                 raise CommandError(f"Node '{node.node_name}' is busy: {BUSY_REASON}")
 
-    def _reserve(self, job: Job) -> None:
+    def _reserve(self, job: BackupJob) -> None:
+        """Checks the id and the nodes again and takes the id, atomically."""
         if not _ID.fullmatch(job.id):
             raise CommandError(f"Invalid job ID '{job.id}'")
         with self._lock:
+            for node in (job.source, job.target):
+                self._check_not_target_locked(node)
             if job.id in self._jobs:
                 raise CommandError(f"Job ID '{job.id}' already in use")
             self._jobs[job.id] = job
