@@ -98,7 +98,7 @@ class Conn:
                 if n == 0:
                     return None
                 self.end += n
-        magic, flags, kind, cookie, offset, length = REQ.unpack_from(self.rbuf, self.start)
+        _magic, flags, kind, cookie, offset, length = REQ.unpack_from(self.rbuf, self.start)
         self.start += 28
         return flags, kind, cookie, offset, length
 
@@ -145,7 +145,7 @@ def serve_inline(conn: Conn, flush_in_worker: concurrent.futures.Executor | None
         hdr = conn.next_header()
         if hdr is None:
             return
-        flags, kind, cookie, offset, length = hdr
+        _flags, kind, cookie, offset, length = hdr
         if kind == 0:
             conn.read_reply(cookie, offset, length, conn.bview)
         elif kind == 1:
@@ -175,7 +175,7 @@ def serve_workers(conn: Conn, pool: concurrent.futures.Executor) -> None:
         hdr = conn.next_header()
         if hdr is None or hdr[1] == 2:
             break
-        flags, kind, cookie, offset, length = hdr
+        _flags, kind, cookie, offset, length = hdr
         if kind == 1:
             data = bytearray(length)
             conn.payload_into(memoryview(data))
@@ -273,7 +273,7 @@ class AsyncConn(asyncio.Protocol):
             else:
                 if len(buf) - pos < 28:
                     break
-                _, flags, kind, cookie, offset, length = REQ.unpack_from(buf, pos)
+                _, _flags, kind, cookie, offset, length = REQ.unpack_from(buf, pos)
                 pos += 28
                 if kind == 0:
                     data_buf = bytearray(length)
@@ -327,11 +327,23 @@ def serve(spec: str, filename: str, path: str) -> None:
 
 def fio(uri: str, rw: str, bs: str, depth: int, runtime: int = 5) -> float:
     out = subprocess.run(
-        ["fio", "--name=m", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
-         f"--iodepth={depth}", "--time_based", f"--runtime={runtime}", "--output-format=json"],
-        capture_output=True, text=True, check=True,
+        [
+            "fio",
+            "--name=m",
+            "--ioengine=nbd",
+            f"--uri={uri}",
+            f"--rw={rw}",
+            f"--bs={bs}",
+            f"--iodepth={depth}",
+            "--time_based",
+            f"--runtime={runtime}",
+            "--output-format=json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
+    job = json.loads(out[out.index("{") :])["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
     return float(side["iops"] if bs == "4k" else side["bw_bytes"] / (1 << 20))
 
@@ -359,8 +371,11 @@ def measure(filename: str) -> None:
                 cp = max(nbdcopy(uri) for _ in range(3))
                 wr = max(fio(uri, "write", "1m", 8) for _ in range(2))
                 load = os.getloadavg()[0]
-                print(f"{spec:16} randread4k {rr:9.0f} IOPS  nbdcopy {cp:5.2f} GiB/s  "
-                      f"write1M {wr:7.0f} MiB/s  (load {load:.2f})", flush=True)
+                print(
+                    f"{spec:16} randread4k {rr:9.0f} IOPS  nbdcopy {cp:5.2f} GiB/s  "
+                    f"write1M {wr:7.0f} MiB/s  (load {load:.2f})",
+                    flush=True,
+                )
             finally:
                 proc.kill()
                 proc.wait()
