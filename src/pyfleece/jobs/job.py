@@ -102,6 +102,8 @@ class Job:
         self._cond = threading.Condition(threading.RLock())
         self._thread: threading.Thread | None = None
         self.on_null: Callable[[Job], None] | None = None
+        #: Called once the job's graph changes are undone (drive-backup drops its target).
+        self.on_cleaned: Callable[[], None] | None = None
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -170,6 +172,8 @@ class Job:
         # must still answer meanwhile. No verb applies in aborting; in pending, finalize won.
         self._call(self.commit if success else self.abort)
         self._call(self.clean)
+        if self.on_cleaned is not None:
+            self._call(self.on_cleaned)
         with self._cond:
             data = self.event_data()
             if event == "BLOCK_JOB_COMPLETED" and not success:
