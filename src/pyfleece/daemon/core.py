@@ -98,9 +98,7 @@ class Daemon:
     def start_monitors(self) -> None:
         if not self._monitors:
             return
-        self.monitor_server = MonitorServer(
-            self.dispatcher, self, self._monitors, self._chardevs, hmp_echo=False
-        )
+        self.monitor_server = MonitorServer(self.dispatcher, self, self._monitors, self._chardevs)
         self.monitor_server.start()
 
     # -- running and stopping ---------------------------------------------------------------
