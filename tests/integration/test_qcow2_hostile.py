@@ -225,3 +225,45 @@ def test_failed_open_releases_a_graph_file_node(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="Could not open backing file"):
         graph.open({"driver": "qcow2", "node-name": "q", "file": "f"})
     graph.remove("f")
+
+
+@pytest.mark.parametrize("target", ["snapshot-l1", "snapshot-table", "bitmap-directory"])
+def test_refcounts_claiming_snapshot_or_bitmap_metadata_is_free(
+    tmp_path: Path, target: str
+) -> None:
+    """Lying refcounts must not let a write overwrite a snapshot's tables or the bitmaps."""
+    image = create(tmp_path / "t.qcow2", 8 << 20)
+    qemu_io(image, "write -P 0x11 0 128k")
+    run("qemu-img", "snapshot", "-c", "s1", str(image))
+    run("qemu-img", "bitmap", "--add", str(image), "b0")
+    h = _header(image)
+    data = image.read_bytes()
+    if target == "snapshot-l1":
+        victim = struct.unpack_from(">Q", data, h.snapshots_offset)[0]
+    elif target == "snapshot-table":
+        victim = h.snapshots_offset
+    else:
+        ext = next(e for e in h.extensions if e.type == 0x23852875)
+        victim = struct.unpack_from(">Q", ext.data, 16)[0]
+    block = struct.unpack_from(">Q", data, h.refcount_table_offset)[0]
+    _patch(image, block + 2 * (victim // CS), ">H", 0)
+    node = open_image(str(image), read_only=False)
+    try:
+        with pytest.raises(BlockError, match=f"metadata at {victim:#x} as free"):
+            node.write(4 << 20, b"x" * 512)
+    finally:
+        node.close()
+    expected = bytearray(data[victim : victim + CS])
+    if target == "bitmap-directory":
+        expected[15] |= 1  # the one legitimate change: the enabled bitmap is now in use
+    assert image.read_bytes()[victim : victim + CS] == expected
+
+
+def test_snapshot_table_past_eof(tmp_path: Path) -> None:
+    image = _image(tmp_path)
+    run("qemu-img", "snapshot", "-c", "s1", str(image))
+    _patch(image, 60, ">I", 1000)  # nb_snapshots: far more entries than the table holds
+    node = open_image(str(image))  # reading needs no snapshot table
+    node.close()
+    with pytest.raises(CorruptImage, match="snapshot table runs past the end"):
+        open_image(str(image), read_only=False)
