@@ -13,7 +13,7 @@ import pytest
 
 from pyfleece.block.graph import Graph
 from pyfleece.block.image import open_image
-from pyfleece.block.qcow2.format import decode_header
+from pyfleece.block.qcow2.format import decode_header, encode_header
 from pyfleece.block.registry import MAX_CHAIN_DEPTH
 from pyfleece.errors import BlockError, CorruptImage, ImageError, UnsupportedImage
 from tests.integration.qcow2_oracle import create, qemu_io, run
@@ -267,3 +267,18 @@ def test_snapshot_table_past_eof(tmp_path: Path) -> None:
     node.close()
     with pytest.raises(CorruptImage, match="snapshot table runs past the end"):
         open_image(str(image), read_only=False)
+
+
+def test_endless_chain_through_non_file_containers(tmp_path: Path) -> None:
+    """An image whose backing opens itself again through another driver (here a fault node,
+    as an NBD export could) cannot be caught by real paths; the depth cap stops it."""
+    image = create(tmp_path / "a.qcow2", 1 << 20)
+    spec = f'{{"driver": "fault", "image": {{"driver": "file", "filename": "{image}"}}}}'
+    name = f'json:{{"driver": "qcow2", "file": {spec}}}'
+    data = image.read_bytes()
+    header = decode_header(data[: 2 << 20], len(data)).with_changes(backing_file=name)
+    encoded = encode_header(header)
+    with open(image, "r+b") as f:
+        f.write(encoded + bytes(CS - len(encoded)))
+    with pytest.raises(ImageError, match=f"more than {MAX_CHAIN_DEPTH} images"):
+        open_image(str(image))

@@ -130,8 +130,9 @@ def _open_qcow2(opts: Options, name: str, ctx: OpenContext) -> Node:
         l2_cache, refcount_cache, lazy = _tuning(opts)
         opts.finish()
         filename = file.filename if isinstance(file, FileNode) else None
-        real = os.path.realpath(filename) if filename else None
-        _check_chain(filename, real, ctx)
+        # Images not in a host file (NBD...) still count toward the chain's depth.
+        real = os.path.realpath(filename) if filename else f"<node {name}>"
+        _check_chain(filename or name, real, ctx)
         header = read_header(file)
         if lazy and header.version < 3:
             raise ConfigError(
@@ -164,12 +165,12 @@ def _open_qcow2(opts: Options, name: str, ctx: OpenContext) -> Node:
     return node
 
 
-def _check_chain(filename: str | None, real: str | None, ctx: OpenContext) -> None:
+def _check_chain(filename: str, real: str, ctx: OpenContext) -> None:
     if len(ctx.chain) >= MAX_CHAIN_DEPTH:
         raise ImageError(
             f"Backing chain too deep at '{filename}': more than {MAX_CHAIN_DEPTH} images"
         )
-    if real is not None and real in ctx.chain:
+    if real in ctx.chain:
         path = " -> ".join([*ctx.chain[ctx.chain.index(real) :], real])
         raise ImageError(f"Backing file chain loops back to '{filename}' ({path})")
 
@@ -189,9 +190,8 @@ def _check_writable(header: Header, file: Node) -> None:
         )
 
 
-def _attach_backing(node: Qcow2Node, value: Any, ctx: OpenContext, real: str | None) -> None:
-    chain = (*ctx.chain, real) if real else ctx.chain
-    sub = OpenContext(ctx.graph, True, chain)
+def _attach_backing(node: Qcow2Node, value: Any, ctx: OpenContext, real: str) -> None:
+    sub = OpenContext(ctx.graph, True, (*ctx.chain, real))
     if value is None:
         return
     if value is not _FROM_HEADER:
