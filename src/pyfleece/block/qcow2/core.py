@@ -260,7 +260,8 @@ class Qcow2Core(Node):
             with self._lock:
                 kind, _, n, ref = self._segments(offset, length, status=True)[0]
             if kind == Cluster.NORMAL:
-                # Like QEMU, look at the host file: a hole there reads as zeros.
+                # A hole in the host file reads as zeros (QEMU looks only for images it
+                # guesses were preallocated; img/map.py reproduces that for qemu-img map).
                 host = self.file.block_status(ref, n)
                 n = min(n, host.length)
                 return Extent(offset, n, True, host.zero, True, 0, ref)
