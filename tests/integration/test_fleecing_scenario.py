@@ -37,7 +37,7 @@ REMAINDER = [("0xd5", "0x108000", "32k"), ("0xdc", "0x2000000", "32k"),
              ("0xcd", "0x3ff0000", "64k")]  # fmt: skip
 COPIED_CLUSTERS = 6
 
-IMPLEMENTATIONS = ["qemu-storage-daemon"]
+IMPLEMENTATIONS = ["qemu-storage-daemon", "pyfleece"]
 
 
 class Daemon:

@@ -4,7 +4,9 @@ are kept (and marked in use), and ``info()`` says what ``qemu-img info`` says.""
 
 from __future__ import annotations
 
+import signal
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ from pyfleece.block.image import open_image
 from pyfleece.block.qcow2.driver import Qcow2Node
 from pyfleece.block.qcow2.format import Extension, decode_header, encode_header
 from pyfleece.errors import BlockError, ConfigError, ImageError, UnsupportedImage
-from tests.integration.qcow2_oracle import assert_clean, create, info, qemu_io, run
+from tests.conftest import require_tool
+from tests.integration.qcow2_oracle import assert_clean, check, create, info, qemu_io, run
 
 
 def _header(path: Path):  # type: ignore[no-untyped-def]
@@ -106,15 +109,43 @@ def test_corrupt_image_opens_read_only_only(tmp_path: Path) -> None:
         open_image(str(image), read_only=False)
 
 
-def test_dirty_image_refused_for_writing(tmp_path: Path) -> None:
+def test_dirty_image_repaired_on_a_writable_open(tmp_path: Path) -> None:
+    """qemu-io killed with lazy refcounts leaves the dirty bit and refcounts of 0 under
+    its new clusters; a read-only open reads it as it is, a writable open repairs it."""
     image = create(tmp_path / "t.qcow2", 4 << 20, "lazy_refcounts=on")
-    _rewrite_header(image, incompatible=1)
+    proc = subprocess.run(
+        [require_tool("qemu-io"), "-c", "write -P 0x55 0 128k", "-c", "sigraise 9", str(image)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == -signal.SIGKILL
+    assert check(image)[0] == 2  # QEMU's check sees the stale refcounts as corruption
     node = open_image(str(image))
     try:
         assert node.info()["dirty-flag"] is True
+        assert node.read(0, 4) == b"\x55" * 4
     finally:
         node.close()
-    with pytest.raises(ImageError, match=r"dirty bit.*'qemu-img check -r all'"):
+    node = open_image(str(image), read_only=False)
+    try:
+        assert node.info()["dirty-flag"] is False
+        node.write(1 << 20, b"\x66" * 4096)
+    finally:
+        node.close()
+    assert_clean(image)
+    qemu_io(image, "read -P 0x55 0 128k", "read -P 0x66 1M 4k")
+
+
+def test_unrepairable_dirty_image_refused_for_writing(tmp_path: Path) -> None:
+    image = create(tmp_path / "t.qcow2", 4 << 20, "lazy_refcounts=on")
+    qemu_io(image, "write -P 0x55 0 64k")
+    data = image.read_bytes()
+    l2 = struct.unpack_from(">Q", data, _header(image).l1_table_offset)[0] & ((1 << 56) - 512)
+    with open(image, "r+b") as f:  # an L2 entry pointing into the header cluster
+        f.seek(l2 + 8)
+        f.write(struct.pack(">Q", (1 << 63) | 512))
+    _rewrite_header(image, incompatible=1)
+    with pytest.raises(ImageError, match=r"Could not repair dirty image.*read-only"):
         open_image(str(image), read_only=False)
 
 

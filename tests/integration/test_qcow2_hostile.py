@@ -13,7 +13,7 @@ import pytest
 
 from pyfleece.block.graph import Graph
 from pyfleece.block.image import open_image
-from pyfleece.block.qcow2.format import decode_header
+from pyfleece.block.qcow2.format import decode_header, encode_header
 from pyfleece.block.registry import MAX_CHAIN_DEPTH
 from pyfleece.errors import BlockError, CorruptImage, ImageError, UnsupportedImage
 from tests.integration.qcow2_oracle import create, qemu_io, run
@@ -225,3 +225,60 @@ def test_failed_open_releases_a_graph_file_node(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="Could not open backing file"):
         graph.open({"driver": "qcow2", "node-name": "q", "file": "f"})
     graph.remove("f")
+
+
+@pytest.mark.parametrize("target", ["snapshot-l1", "snapshot-table", "bitmap-directory"])
+def test_refcounts_claiming_snapshot_or_bitmap_metadata_is_free(
+    tmp_path: Path, target: str
+) -> None:
+    """Lying refcounts must not let a write overwrite a snapshot's tables or the bitmaps."""
+    image = create(tmp_path / "t.qcow2", 8 << 20)
+    qemu_io(image, "write -P 0x11 0 128k")
+    run("qemu-img", "snapshot", "-c", "s1", str(image))
+    run("qemu-img", "bitmap", "--add", str(image), "b0")
+    h = _header(image)
+    data = image.read_bytes()
+    if target == "snapshot-l1":
+        victim = struct.unpack_from(">Q", data, h.snapshots_offset)[0]
+    elif target == "snapshot-table":
+        victim = h.snapshots_offset
+    else:
+        ext = next(e for e in h.extensions if e.type == 0x23852875)
+        victim = struct.unpack_from(">Q", ext.data, 16)[0]
+    block = struct.unpack_from(">Q", data, h.refcount_table_offset)[0]
+    _patch(image, block + 2 * (victim // CS), ">H", 0)
+    node = open_image(str(image), read_only=False)
+    try:
+        with pytest.raises(BlockError, match=f"metadata at {victim:#x} as free"):
+            node.write(4 << 20, b"x" * 512)
+    finally:
+        node.close()
+    expected = bytearray(data[victim : victim + CS])
+    if target == "bitmap-directory":
+        expected[15] |= 1  # the one legitimate change: the enabled bitmap is now in use
+    assert image.read_bytes()[victim : victim + CS] == expected
+
+
+def test_snapshot_table_past_eof(tmp_path: Path) -> None:
+    image = _image(tmp_path)
+    run("qemu-img", "snapshot", "-c", "s1", str(image))
+    _patch(image, 60, ">I", 1000)  # nb_snapshots: far more entries than the table holds
+    node = open_image(str(image))  # reading needs no snapshot table
+    node.close()
+    with pytest.raises(CorruptImage, match="snapshot table runs past the end"):
+        open_image(str(image), read_only=False)
+
+
+def test_endless_chain_through_non_file_containers(tmp_path: Path) -> None:
+    """An image whose backing opens itself again through another driver (here a fault node,
+    as an NBD export could) cannot be caught by real paths; the depth cap stops it."""
+    image = create(tmp_path / "a.qcow2", 1 << 20)
+    spec = f'{{"driver": "fault", "image": {{"driver": "file", "filename": "{image}"}}}}'
+    name = f'json:{{"driver": "qcow2", "file": {spec}}}'
+    data = image.read_bytes()
+    header = decode_header(data[: 2 << 20], len(data)).with_changes(backing_file=name)
+    encoded = encode_header(header)
+    with open(image, "r+b") as f:
+        f.write(encoded + bytes(CS - len(encoded)))
+    with pytest.raises(ImageError, match=f"more than {MAX_CHAIN_DEPTH} images"):
+        open_image(str(image))

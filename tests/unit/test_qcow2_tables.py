@@ -23,6 +23,7 @@ from pyfleece.block.qcow2.format import (
     l2_host,
     l2_kind,
 )
+from pyfleece.block.qcow2.snapshot_format import SNAPSHOT_ENTRY, snapshot_extents
 from pyfleece.block.qcow2.tables import LRU, OffsetSet, RefBlock, array_be, be_array
 from pyfleece.errors import CorruptImage
 
@@ -138,3 +139,21 @@ def test_lru_order() -> None:
     assert lru.get(1) == "1"
     assert [k for k, _ in lru.oldest()] == [2, 3, 1]
     assert lru.pop(3) == "3" and len(lru) == 2 and lru.get(3) is None
+
+
+def _snapshot_entry(l1: int, l1_size: int, name: bytes, extra: int = 24) -> bytes:
+    fixed = SNAPSHOT_ENTRY.pack(l1, l1_size, 1, len(name), 0, 0, 0, 0, extra)
+    body = fixed + bytes(extra) + b"1" + name
+    return body + bytes(-len(body) % 8)
+
+
+def test_snapshot_extents() -> None:
+    table = _snapshot_entry(0x150000, 1, b"s1") + _snapshot_entry(0x160000, 2, b"second")
+    assert snapshot_extents(table, 2) == (len(table), [(0x150000, 8), (0x160000, 16)])
+    unpadded = table.rstrip(b"\0")  # QEMU may end the file before the last padding
+    assert snapshot_extents(unpadded, 2) == (len(table), [(0x150000, 8), (0x160000, 16)])
+    assert snapshot_extents(table[:50], 2) is None
+    with pytest.raises(CorruptImage, match="extra data too large"):
+        snapshot_extents(_snapshot_entry(0, 1, b"x", extra=4096), 1)
+    with pytest.raises(CorruptImage, match="too many"):
+        snapshot_extents(b"", 1 << 20)

@@ -212,9 +212,14 @@ SIMPLE_REPLY = struct.Struct(">IIQ")
 STRUCTURED_REPLY = struct.Struct(">IHHQI")
 # OFFSET_DATA / OFFSET_HOLE payload head: 64 b offset [| 32 b hole size]
 CHUNK_OFFSET = struct.Struct(">Q")
+# A structured reply header and the OFFSET_DATA offset, packed in one call on the read path:
+# 32 b magic | 16 b flags | 16 b type | 64 b cookie | 32 b length | 64 b offset
+DATA_CHUNK_HEAD = struct.Struct(">IHHQIQ")
 CHUNK_HOLE = struct.Struct(">QI")
 # ERROR payload: 32 b error | 16 b message length   (then message)
 CHUNK_ERROR = struct.Struct(">IH")
+# ERROR_OFFSET payload ends with: 64 b offset   (after the message)
+CHUNK_ERROR_OFFSET_TAIL = struct.Struct(">Q")
 # BLOCK_STATUS payload: 32 b context id, then (32 b length | 32 b flags) per extent
 CHUNK_STATUS_ID = struct.Struct(">I")
 EXTENT = struct.Struct(">II")
@@ -288,6 +293,16 @@ def chunk_error(cookie: int, error: int, message: str = "", *, done: bool = True
     flags = ReplyFlag.DONE if done else 0
     payload = CHUNK_ERROR.pack(error, len(text)) + text
     return chunk_header(flags, ReplyType.ERROR, cookie, len(payload)) + payload
+
+
+def chunk_error_offset(
+    cookie: int, error: int, offset: int, message: str = "", *, done: bool = True
+) -> bytes:
+    """An ERROR_OFFSET chunk: the read failed at ``offset`` (inside the request)."""
+    text = message.encode()[:MAX_STRING]
+    flags = ReplyFlag.DONE if done else 0
+    payload = CHUNK_ERROR.pack(error, len(text)) + text + CHUNK_ERROR_OFFSET_TAIL.pack(offset)
+    return chunk_header(flags, ReplyType.ERROR_OFFSET, cookie, len(payload)) + payload
 
 
 def chunk_block_status(

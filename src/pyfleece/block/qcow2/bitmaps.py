@@ -36,14 +36,19 @@ U32 = struct.Struct(">I")
 KEPT_AUTOCLEAR = int(Autoclear.BITMAPS)
 
 
-def read_bitmaps(file: Node, header: Header) -> tuple[BitmapsExtension, list[BitmapEntry]] | None:
-    """The bitmaps extension and directory, when the image has consistent bitmaps.
+def read_bitmaps(
+    file: Node, header: Header, *, inconsistent: bool = False
+) -> tuple[BitmapsExtension, list[BitmapEntry]] | None:
+    """The bitmaps extension and directory, when the image has consistent bitmaps (or
+    any bitmaps, with ``inconsistent``).
 
     Raises:
         CorruptImage: the extension or directory is malformed.
     """
     ext = header.extension(Ext.BITMAPS)
-    if ext is None or header.version < 3 or not header.autoclear & Autoclear.BITMAPS:
+    if ext is None or header.version < 3:
+        return None
+    if not inconsistent and not header.autoclear & Autoclear.BITMAPS:
         return None
     bitmaps = decode_bitmaps_extension(ext.data, header.cluster_size)
     if bitmaps.directory_offset + bitmaps.directory_size > file.size:
@@ -100,3 +105,18 @@ def prepare_for_writes(file: Node, header: Header) -> Header:
 def _write_autoclear(file: Node, value: int) -> None:
     file.write(AUTOCLEAR_AT, U64.pack(value))
     file.flush()
+
+
+def bitmap_metadata(file: Node, header: Header) -> list[tuple[int, int]]:
+    """Where the bitmap directory and bitmap tables lie, as (offset, bytes); nothing when
+    they cannot be read (the first write reports a malformed extension)."""
+    try:
+        found = read_bitmaps(file, header, inconsistent=True)
+    except CorruptImage:
+        return []
+    if found is None:
+        return []
+    bitmaps, entries = found
+    ranges = [(bitmaps.directory_offset, bitmaps.directory_size)]
+    ranges += [(e.table_offset, e.table_size * 8) for e in entries if e.table_offset]
+    return ranges

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from pyfleece.block.node import Extent, Node
+from pyfleece.block.qcow2.bitmaps import bitmap_metadata
 from pyfleece.block.qcow2.compress import decompress_cluster
 from pyfleece.block.qcow2.format import (
     Cluster,
@@ -35,6 +36,7 @@ from pyfleece.block.qcow2.format import (
 )
 from pyfleece.block.qcow2.mapping import Mapping
 from pyfleece.block.qcow2.refcounts import Refcounts
+from pyfleece.block.qcow2.snapshot_format import MAX_SNAPSHOT_TABLE, snapshot_extents
 from pyfleece.block.tracking import ReqKind
 from pyfleece.errors import BlockError, CorruptImage, ImageError
 
@@ -50,6 +52,34 @@ def zero_fill(view: memoryview) -> None:
     for start in range(0, len(view), len(_ZEROS)):
         end = min(start + len(_ZEROS), len(view))
         view[start:end] = _ZEROS[: end - start]
+
+
+def fixed_metadata(file: Node, header: Header) -> list[tuple[int, int]]:
+    """Metadata no allocation may overlap, as (offset, bytes): the header, the active L1
+    table, the snapshot table and snapshot L1 tables, the bitmap directory and tables.
+
+    Raises:
+        CorruptImage: the snapshot table is malformed or runs past the end of the file.
+    """
+    ranges = [(0, header.cluster_size), (header.l1_table_offset, header.l1_size * 8)]
+    if header.nb_snapshots:
+        ranges += _snapshot_metadata(file, header)
+    return ranges + bitmap_metadata(file, header)
+
+
+def _snapshot_metadata(file: Node, header: Header) -> list[tuple[int, int]]:
+    want = header.cluster_size
+    while True:
+        n = max(0, min(want, file.size - header.snapshots_offset, MAX_SNAPSHOT_TABLE))
+        data = bytearray(n)
+        file.readinto(header.snapshots_offset, memoryview(data))
+        found = snapshot_extents(bytes(data), header.nb_snapshots)
+        if found is not None:
+            length, l1_tables = found
+            return [(header.snapshots_offset, length), *l1_tables]
+        if n < want or n >= MAX_SNAPSHOT_TABLE:
+            raise CorruptImage("qcow2: the snapshot table runs past the end of the file")
+        want *= 4
 
 
 class _Frees:
@@ -93,14 +123,11 @@ class Qcow2Core(Node):
         self.map = Mapping(file, header, cache_bytes=l2_cache)
         self.rc: Refcounts | None = None
         if not read_only:
-            protected = [(0, self.cluster_size), (header.l1_table_offset, header.l1_size * 8)]
-            if header.nb_snapshots:
-                protected.append((header.snapshots_offset, self.cluster_size))
             self.rc = Refcounts(
                 file,
                 header,
                 cache_bytes=refcount_cache,
-                protected=protected,
+                protected=fixed_metadata(file, header),
                 live=self.map.l2_at,
             )
         self._busy: set[int] = set()
@@ -233,7 +260,8 @@ class Qcow2Core(Node):
             with self._lock:
                 kind, _, n, ref = self._segments(offset, length, status=True)[0]
             if kind == Cluster.NORMAL:
-                # Like QEMU, look at the host file: a hole there reads as zeros.
+                # A hole in the host file reads as zeros (QEMU looks only for images it
+                # guesses were preallocated; img/map.py reproduces that for qemu-img map).
                 host = self.file.block_status(ref, n)
                 n = min(n, host.length)
                 return Extent(offset, n, True, host.zero, True, 0, ref)

@@ -10,8 +10,9 @@ format (probed when absent), and refused when the chain loops back to an image a
 it or grows deeper than ``MAX_CHAIN_DEPTH``. The backing edge may be swapped while the node
 is open (fleecing does): every read looks it up anew.
 
-Writable opens are refused for images with the corrupt bit (they open read-only) and with
-the dirty bit (lazy refcounts not yet repaired).
+Writable opens are refused for images with the corrupt bit (they open read-only). An image
+with the dirty bit (lazy refcounts not written back) is repaired on a writable open, as
+QEMU does, by ``check.repair_dirty``; a read-only open reads it as it is.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pyfleece.block.image import image_options, is_uri
 from pyfleece.block.node import Node
 from pyfleece.block.options import Options
 from pyfleece.block.qcow2.bitmaps import bitmaps_info
+from pyfleece.block.qcow2.check import repair_dirty
 from pyfleece.block.qcow2.format import (
     Compat,
     CompressionType,
@@ -34,7 +36,7 @@ from pyfleece.block.qcow2.format import (
 )
 from pyfleece.block.qcow2.writes import Qcow2Writer
 from pyfleece.block.registry import MAX_CHAIN_DEPTH, OpenContext, open_child, open_node, register
-from pyfleece.errors import ConfigError, ImageError, UnsupportedImage
+from pyfleece.errors import ConfigError, CorruptImage, ImageError, UnsupportedImage
 
 MiB = 1 << 20
 _FROM_HEADER = object()  # no ``backing`` option: use the header's backing file
@@ -130,15 +132,16 @@ def _open_qcow2(opts: Options, name: str, ctx: OpenContext) -> Node:
         l2_cache, refcount_cache, lazy = _tuning(opts)
         opts.finish()
         filename = file.filename if isinstance(file, FileNode) else None
-        real = os.path.realpath(filename) if filename else None
-        _check_chain(filename, real, ctx)
+        # Images not in a host file (NBD...) still count toward the chain's depth.
+        real = os.path.realpath(filename) if filename else f"<node {name}>"
+        _check_chain(filename or name, real, ctx)
         header = read_header(file)
         if lazy and header.version < 3:
             raise ConfigError(
                 "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
             )
         if not ctx.read_only:
-            _check_writable(header, file)
+            header = _check_writable(header, file)
         if l2_cache is None:
             tables = l1_entries_needed(header.size, header.cluster_bits)
             l2_cache = min(DEFAULT_L2_CACHE, tables << header.cluster_bits)
@@ -164,17 +167,18 @@ def _open_qcow2(opts: Options, name: str, ctx: OpenContext) -> Node:
     return node
 
 
-def _check_chain(filename: str | None, real: str | None, ctx: OpenContext) -> None:
+def _check_chain(filename: str, real: str, ctx: OpenContext) -> None:
     if len(ctx.chain) >= MAX_CHAIN_DEPTH:
         raise ImageError(
             f"Backing chain too deep at '{filename}': more than {MAX_CHAIN_DEPTH} images"
         )
-    if real is not None and real in ctx.chain:
+    if real in ctx.chain:
         path = " -> ".join([*ctx.chain[ctx.chain.index(real) :], real])
         raise ImageError(f"Backing file chain loops back to '{filename}' ({path})")
 
 
-def _check_writable(header: Header, file: Node) -> None:
+def _check_writable(header: Header, file: Node) -> Header:
+    """Refuses what must not be written; repairs a dirty image. Returns the header to use."""
     if file.read_only:
         raise ConfigError("The image's file node is read-only; open the image read-only")
     if header.incompatible & Incompat.CORRUPT:
@@ -183,15 +187,20 @@ def _check_writable(header: Header, file: Node) -> None:
             "(open it read-only, or repair it with 'qemu-img check -r all')"
         )
     if header.incompatible & Incompat.DIRTY:
-        raise ImageError(
-            "qcow2: Image has the dirty bit set (lazy refcounts were not written back); "
-            "repair it with 'qemu-img check -r all' first, or open it read-only"
-        )
+        try:
+            repair_dirty(file)
+        except CorruptImage as err:
+            raise CorruptImage(
+                f"qcow2: {err}; open the image read-only, or try 'qemu-img check -r all'"
+            ) from err
+        header = read_header(file)
+        if header.incompatible & Incompat.DIRTY:
+            raise CorruptImage("qcow2: the dirty bit survived the repair")
+    return header
 
 
-def _attach_backing(node: Qcow2Node, value: Any, ctx: OpenContext, real: str | None) -> None:
-    chain = (*ctx.chain, real) if real else ctx.chain
-    sub = OpenContext(ctx.graph, True, chain)
+def _attach_backing(node: Qcow2Node, value: Any, ctx: OpenContext, real: str) -> None:
+    sub = OpenContext(ctx.graph, True, (*ctx.chain, real))
     if value is None:
         return
     if value is not _FROM_HEADER:

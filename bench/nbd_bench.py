@@ -1,0 +1,177 @@
+"""pyfleece nbd against nbdkit (file plugin) and qemu-nbd, on the same page-cached raw file.
+
+Three figures per server, over a Unix socket:
+  copy      nbdcopy of the whole export to null: (GiB/s; nbdcopy's multi-conn defaults)
+  randread  fio's nbd engine, 4 KiB random reads, QD32, one connection (IOPS)
+  write     fio's nbd engine, 1 MiB sequential writes, QD8, one connection (MiB/s)
+
+Repetitions are interleaved (every server once, then again) so that a burst of load from
+elsewhere on the machine hits them alike; each figure is the best of its repetitions.
+Ratios are pyfleece's figure over the peer's: >= 1.0 is the goal (docs/nbd.md).
+
+Usage: bench/nbd_bench.py [--size 1G] [--repeat 3] [--runtime 5] [--file PATH]
+                          [--servers pyfleece,nbdkit,qemu-nbd] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+FIGURES = ("copy", "randread", "write")
+UNITS = {"copy": "GiB/s", "randread": "IOPS", "write": "MiB/s"}
+
+
+def server_command(name: str, image: str, sock: str, pidfile: str) -> list[str]:
+    if name == "pyfleece":
+        return [sys.executable, "-m", "pyfleece", "nbd", "-f", "raw", "-k", sock, "-t",
+                "-e", "16", "--pid-file", pidfile, image]  # fmt: skip
+    if name == "nbdkit":
+        return ["nbdkit", "-f", "-U", sock, "--pidfile", pidfile, "file", image]
+    if name == "qemu-nbd":
+        return ["qemu-nbd", "-f", "raw", "-k", sock, "-t", "-e", "16", "--pid-file", pidfile,
+                image]  # fmt: skip
+    raise SystemExit(f"unknown server {name!r}")
+
+
+@contextlib.contextmanager
+def running(name: str, image: str, workdir: str) -> Iterator[str]:
+    """Starts a server, waits for its pid file, yields its NBD URI, then stops it."""
+    sock = os.path.join(workdir, f"{name}.sock")
+    pidfile = os.path.join(workdir, f"{name}.pid")
+    for path in (sock, pidfile):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(server_command(name, image, sock, pidfile), env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(pidfile) and os.path.exists(sock)):
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited with status {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name} did not become ready")
+            time.sleep(0.02)  # polling for readiness of a foreign process
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def fio(uri: str, rw: str, bs: str, depth: int, runtime: int) -> dict[str, float]:
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+           f"--bs={bs}", f"--iodepth={depth}", "--numjobs=1", "--time_based",
+           f"--runtime={runtime}", "--output-format=json"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return {"iops": float(side["iops"]), "mibps": float(side["bw_bytes"]) / (1 << 20)}
+
+
+def nbdcopy(uri: str, size: int) -> float:
+    start = time.perf_counter()
+    subprocess.run(["nbdcopy", uri, "null:"], check=True)
+    return size / (time.perf_counter() - start) / (1 << 30)
+
+
+def measure(uri: str, size: int, runtime: int) -> dict[str, float]:
+    return {
+        "copy": nbdcopy(uri, size),
+        "randread": fio(uri, "randread", "4k", 32, runtime)["iops"],
+        "write": fio(uri, "write", "1m", 8, runtime)["mibps"],
+    }
+
+
+def make_image(path: str, size: int) -> None:
+    with open(path, "wb") as f, open("/dev/urandom", "rb") as rnd:
+        left = size
+        while left:
+            chunk = rnd.read(min(left, 8 << 20))
+            f.write(chunk)
+            left -= len(chunk)
+
+
+def warm(path: str) -> None:
+    with open(path, "rb") as f:
+        while f.read(8 << 20):
+            pass
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    if text[-1].lower() in units:
+        return int(float(text[:-1]) * units[text[-1].lower()])
+    return int(text)
+
+
+def report(best: dict[str, dict[str, float]], loads: list[float]) -> None:
+    servers = list(best)
+    print(f"\nload average during the run: {min(loads):.2f} .. {max(loads):.2f} (2 cores)")
+    print(f"{'figure':10}" + "".join(f"{s:>14}" for s in servers) + "".join(
+        f"{'vs ' + s:>14}" for s in servers if s != "pyfleece"))  # fmt: skip
+    for fig in FIGURES:
+        row = f"{fig:10}" + "".join(f"{best[s][fig]:>14.2f}" for s in servers)
+        if "pyfleece" in best:
+            for peer in servers:
+                if peer != "pyfleece":
+                    row += f"{best['pyfleece'][fig] / best[peer][fig]:>13.2f}x"
+        print(f"{row}   ({UNITS[fig]})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="1G")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
+    parser.add_argument("--file", help="use this raw image instead of a fresh random one")
+    parser.add_argument("--servers", default="pyfleece,nbdkit,qemu-nbd")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    servers = args.servers.split(",")
+    for tool in ("fio", "nbdcopy", *[s for s in servers if s != "pyfleece"]):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed")
+    workdir = tempfile.mkdtemp(prefix="nbd-bench-")
+    try:
+        image = args.file or os.path.join(workdir, "disk.raw")
+        if not args.file:
+            make_image(image, parse_size(args.size))
+        size = os.path.getsize(image)
+        best: dict[str, dict[str, float]] = {s: dict.fromkeys(FIGURES, 0.0) for s in servers}
+        loads = [os.getloadavg()[0]]
+        for rep in range(args.repeat):
+            for name in servers:
+                warm(image)
+                with running(name, image, workdir) as uri:
+                    got = measure(uri, size, args.runtime)
+                loads.append(os.getloadavg()[0])
+                print(f"run {rep + 1} {name:9} " + "  ".join(
+                    f"{fig} {got[fig]:.2f} {UNITS[fig]}" for fig in FIGURES
+                ) + f"  (load {loads[-1]:.2f})", flush=True)  # fmt: skip
+                for fig in FIGURES:
+                    best[name][fig] = max(best[name][fig], got[fig])
+        report(best, loads)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"best": best, "load": loads}, f, indent=1)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
