@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_img_helpers import ours, qemu, qemu_ok, sample_images
+from tests.integration.test_img_helpers import our_env, ours, qemu, qemu_ok, sample_images
 
 SOURCES = ["raw.img", "base.qcow2", "top.qcow2", "over_raw.qcow2"]
 QCOW2_OPTIONS = {
@@ -117,7 +117,9 @@ def test_concatenates_sources(images: Path) -> None:
 
 def test_progress(images: Path) -> None:
     cmd = [sys.executable, "-m", "pyfleece", "img", "convert", "-p", "-O", "qcow2"]
-    proc = subprocess.run([*cmd, "top.qcow2", "prog.qcow2"], cwd=images, capture_output=True)
+    proc = subprocess.run(
+        [*cmd, "top.qcow2", "prog.qcow2"], cwd=images, capture_output=True, env=our_env()
+    )
     assert proc.returncode == 0
     assert proc.stdout.startswith(b"    (0.00/100%)\r")
     assert proc.stdout.endswith(b"    (100.00/100%)\r\n")

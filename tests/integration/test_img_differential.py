@@ -29,6 +29,10 @@ CASES = {
     "info-wrong-format": "info -f qcow2 raw.img",
     "info-bad-output": "info --output=xml raw.img",
     "info-no-file": "info",
+    "info-bitmaps": "info bm.qcow2",
+    "info-bitmaps-json": "info --output=json bm.qcow2",
+    "info-snapshots": "info snap.qcow2",
+    "info-snapshots-json": "info --output=json snap.qcow2",
     "info-bad-option": "info --bogus raw.img",
     # map
     "map-raw": "map raw.img",
@@ -45,6 +49,8 @@ CASES = {
     "check-clean": "check base.qcow2",
     "check-clean-json": "check --output=json top.qcow2",
     "check-raw": "check raw.img",
+    "check-bitmaps": "check --output=json bm.qcow2",
+    "check-snapshots": "check snap.qcow2",
     "check-bad-repair": "check -r foo base.qcow2",
     # compare
     "compare-same": "compare top.qcow2 top.qcow2",
@@ -101,6 +107,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     qemu_ok("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "1M",
             cwd=d)  # fmt: skip
     qemu_ok("qemu-img", "convert", "-O", "qcow2", "raw.img", "raw-copy.qcow2", cwd=d)
+    for image in ("bm.qcow2", "snap.qcow2"):
+        qemu_ok("qemu-img", "convert", "-O", "qcow2", "base.qcow2", image, cwd=d)
+    qemu_ok("qemu-img", "bitmap", "--add", "bm.qcow2", "b0", cwd=d)
+    qemu_ok("qemu-img", "bitmap", "--add", "--disable", "-g", "128k", "bm.qcow2", "b1", cwd=d)
+    qemu_ok("qemu-io", "-c", "write -P 6 0 64k", "bm.qcow2", cwd=d)
+    qemu_ok("qemu-img", "snapshot", "-c", "first", "snap.qcow2", cwd=d)
+    qemu_ok("qemu-io", "-c", "write -P 6 0 64k", "snap.qcow2", cwd=d)
+    qemu_ok("qemu-img", "snapshot", "-c", "second snapshot", "snap.qcow2", cwd=d)
     return d
 
 

@@ -8,11 +8,13 @@ so that a test can demand identical results.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import pyfleece
 from tests.conftest import require_tool
 
 OUR_PROG = "pyfleece img"
@@ -24,6 +26,15 @@ class Outcome(NamedTuple):
     err: str
 
 
+def our_env() -> dict[str, str]:
+    """The environment for running ``python -m pyfleece``: the same package as this test
+    process imports (a relative PYTHONPATH would not survive a change of directory)."""
+    env = dict(os.environ)
+    root = str(Path(pyfleece.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def ours(*args: str, cwd: Path) -> Outcome:
     """Runs ``pyfleece img`` (as the console script's module) in ``cwd``."""
     proc = subprocess.run(
@@ -32,6 +43,7 @@ def ours(*args: str, cwd: Path) -> Outcome:
         capture_output=True,
         text=True,
         timeout=60,
+        env=our_env(),
     )
     return Outcome(proc.returncode, proc.stdout, proc.stderr.replace(OUR_PROG, "qemu-img"))
 

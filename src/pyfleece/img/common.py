@@ -171,8 +171,24 @@ def qdict_order(value: Any) -> Any:
 
 
 def qjson(value: Any) -> str:
-    """Pretty JSON as qemu-img prints it (no trailing newline)."""
-    return json.dumps(qdict_order(value), indent=4)
+    """Pretty JSON as qemu-img prints it (no trailing newline): four-space indentation,
+    and empty containers opened and closed on lines of their own."""
+    return _pretty(qdict_order(value), 0)
+
+
+def _pretty(value: Any, level: int) -> str:
+    if isinstance(value, dict):
+        items = [f"{json.dumps(k)}: {_pretty(v, level + 1)}" for k, v in value.items()]
+        return _block("{", "}", items, level)
+    if isinstance(value, list):
+        return _block("[", "]", [_pretty(v, level + 1) for v in value], level)
+    return json.dumps(value)
+
+
+def _block(opening: str, closing: str, items: list[str], level: int) -> str:
+    inner = " " * (4 * (level + 1))
+    body = ",\n".join(inner + item for item in items)
+    return f"{opening}\n{body}{chr(10) if items else ''}{' ' * (4 * level)}{closing}"
 
 
 # -- opening images ------------------------------------------------------------------------
