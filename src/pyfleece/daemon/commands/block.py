@@ -25,7 +25,7 @@ _WELL_FORMED = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _BLOCKERS = ("node is used as backing hd of", "block device is in use by block job")
 
 if TYPE_CHECKING:
-    from pyfleece.block.node import Node
+    from pyfleece.block.node import Node, Ref
     from pyfleece.daemon.core import Daemon
 
 
@@ -90,9 +90,9 @@ def blockdev_del(ctx: Daemon, args: dict[str, Any]) -> None:
     refs = node.refs()
     if any(not ref.hard for ref in refs):
         raise CommandError(f"Node {name} is in use")
-    for ref in refs:
-        if ref.reason.startswith(_BLOCKERS):
-            raise CommandError(f"Node '{name}' is busy: {ref.reason}")
+    blocker = _blocker(refs)
+    if blocker is not None:
+        raise CommandError(f"Node '{name}' is busy: {blocker.reason}")
     if name not in ctx.monitor_owned or ctx.drives.find(name) is not None:
         raise CommandError(f"Node {name} is not owned by the monitor")
     if refs:
@@ -100,6 +100,14 @@ def blockdev_del(ctx: Daemon, args: dict[str, Any]) -> None:
     ctx.graph.remove(name)
     ctx.monitor_owned.discard(name)
     ctx.drives.forget_node(node)
+
+
+def _blocker(refs: list[Ref]) -> Ref | None:
+    """The reference QEMU would name: the newest backing edge (QEMU puts new blockers
+    first; a fleecing target's edge counts as one), else a job's."""
+    edges = [r for r in refs if r.reason.startswith(_BLOCKERS[0])]
+    jobs = [r for r in refs if r.reason.startswith(_BLOCKERS[1])]
+    return edges[-1] if edges else jobs[0] if jobs else None
 
 
 def query_named_block_nodes(ctx: Daemon, args: dict[str, Any]) -> list[dict[str, Any]]:
