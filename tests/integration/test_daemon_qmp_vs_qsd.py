@@ -46,7 +46,8 @@ def by_name(nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def images(workdir: Path) -> None:
     make_images(workdir, ("d.raw", "raw", "4M"), ("base.qcow2", "qcow2", "4M"),
                 ("other.qcow2", "qcow2", "4M"), ("t.qcow2", "qcow2", "4M"),
-                ("t2.qcow2", "qcow2", "4M"), ("c.raw", "raw", "4M"), ("odd.raw", "raw", "1000"))  # fmt: skip
+                ("t2.qcow2", "qcow2", "4M"), ("c.raw", "raw", "4M"),
+                ("odd.raw", "raw", "1000"))  # fmt: skip
     for top, base, fmt in (("top.qcow2", "base.qcow2", "qcow2"), ("ov.qcow2", "d.raw", "raw")):
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", fmt, top], cwd=workdir)
 
@@ -288,7 +289,9 @@ def test_drive_backup_targets(
             json.loads(run(["qemu-img", "info", "-U", "--output=json", str(s.dir / target)]).stdout)
             for s in (qsd, ours)
         ]
-        for info in infos:
+        for info, served in zip(infos, (qsd, ours), strict=True):
             info.pop("filename"), info.pop("actual-size")
+            if "full-backing-filename" in info:
+                assert info.pop("full-backing-filename") == str(served.dir / "d.raw")
         assert infos[1] == infos[0]
         assert infos[1].get("backing-filename") == backing
