@@ -86,6 +86,17 @@ class Served:
         events, self.qmp.events = self.qmp.events, []
         return events
 
+    def events_until_closed(self) -> list[dict[str, Any]]:
+        """Every event until the daemon closes the connection (it is stopping)."""
+        events, self.qmp.events = self.qmp.events, []
+        while True:
+            try:
+                message = self.qmp.receive()
+            except ConnectionError:
+                return events
+            if "event" in message:
+                events.append(message)
+
     def hmp(self, line: str) -> str:
         """An HMP command through human-monitor-command ("\\n" line ends)."""
         out = self.ok("human-monitor-command", **{"command-line": line})
@@ -93,6 +104,15 @@ class Served:
 
     def uri(self, export: str, sock: str = "nbd.sock") -> str:
         return f"nbd+unix:///{export}?socket={self.dir / sock}"
+
+
+def daemon_env() -> dict[str, str]:
+    """The environment for a daemon started in another directory: this tree's sources
+    first on the path, whatever the relative PYTHONPATH the suite runs with."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH", "")]))
+    return env
 
 
 def daemon_argv(kind: str) -> list[str]:
@@ -108,10 +128,7 @@ def serve(
     """Starts one daemon (``kind``: "qsd" or "ours") in ``workdir`` with ``args``."""
     pidfile = workdir / "pid"
     argv = [*daemon_argv(kind), *monitors, *args, "--pidfile", str(pidfile)]
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH", "")]))
-    with running(argv, pidfile, cwd=workdir, env=env) as proc:
+    with running(argv, pidfile, cwd=workdir, env=daemon_env()) as proc:
         served = Served(kind, workdir, proc)
         try:
             yield served
