@@ -41,9 +41,11 @@ pyfleece storage daemon (qemu-storage-daemon's command line, plus --drive)
                          export a block node over NBD (requires --nbd-server)
   --object tls-creds-x509,id=<id>,endpoint=server,dir=<dir>[,verify-peer=on|off]
                          create TLS credentials
+  --daemonize            daemonize the process, and have the parent exit
+                         once startup is complete
   --pidfile <path>       write the process ID to a file once ready
 
-Stop it with SIGTERM, SIGINT or the QMP command 'quit'.
+Stop it with SIGTERM, SIGINT, or 'quit' on a QMP or HMP monitor.
 """
 
 #: option -> (implied key for keyval, accepts JSON)
@@ -73,6 +75,7 @@ class DaemonArgs:
     pidfile: str | None = None
     show_help: bool = False
     show_version: bool = False
+    daemonize: bool = False
 
 
 def parse_args(argv: list[str]) -> DaemonArgs:
@@ -90,9 +93,12 @@ def parse_args(argv: list[str]) -> DaemonArgs:
         if arg in ("-V", "--version"):
             result.show_version = True
             continue
+        if arg == "--daemonize":
+            result.daemonize = True
+            continue
         name, sep, value = arg.partition("=")
         if not name.startswith("--"):
-            raise ConfigError(f"Unexpected argument: {arg}")
+            raise ConfigError(f"{arg}: Unexpected argument")
         key = name[2:]
         if key not in _OPTIONS and key != "pidfile":
             raise ConfigError(f"unrecognized option '{name}'")

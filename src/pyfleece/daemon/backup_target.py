@@ -38,10 +38,7 @@ def open_target(ctx: Daemon, source: Node, args: dict[str, Any]) -> Node:
     options["driver"] = fmt or _probe(path)
     if sync == "none":
         if options["driver"] != "qcow2":
-            raise CommandError(
-                f"Format '{options['driver']}' cannot hold a point-in-time snapshot "
-                "(sync=none needs a backing file): use format=qcow2"
-            )
+            raise CommandError(f"Backing file not supported for file format '{options['driver']}'")
         options["backing"] = source.node_name
     try:
         return ctx.graph.open(options)
@@ -68,11 +65,8 @@ def _create(path: str, fmt: str, source: Node, sync: str) -> None:
                 ),
             )
         elif fmt == "raw":
-            if sync == "none":
-                raise CommandError(
-                    "Format 'raw' cannot hold a point-in-time snapshot (sync=none needs a "
-                    "backing file): use format=qcow2"
-                )
+            if sync == "none":  # a snapshot needs the source as backing: raw has none
+                raise CommandError("Backing file not supported for file format 'raw'")
             with open(path, "wb") as f:
                 f.truncate(source.size)
         else:

@@ -44,6 +44,8 @@ class Daemon:
         self.jobs = JobManager(self.events)
         #: ``--object``/``object-add`` objects by id (TLS credentials).
         self.objects: dict[str, Any] = {}
+        #: Nodes blockdev-add created (only those may go with blockdev-del, as in QEMU).
+        self.monitor_owned: set[str] = set()
         #: The NBD server, while ``nbd-server-start`` has it running.
         self.nbd: Any = None
         self.dispatcher: Dispatcher = create_dispatcher()
@@ -77,11 +79,27 @@ class Daemon:
             "object": lambda a: self._add_object(a.options),
             "blockdev": lambda a: self.run_qmp("blockdev-add", a.options),
             "drive": lambda a: self.drives.add(a.options),
-            "nbd-server": lambda a: self.run_qmp("nbd-server-start", nbd_server_args(a.options)),
+            "nbd-server": lambda a: self._start_nbd(a.options),
             "export": lambda a: self.run_qmp("block-export-add", a.options),
-            "chardev": lambda a: self._chardevs.append(parse_chardev(a.text)),
+            "chardev": lambda a: self._add_chardev(parse_chardev(a.text)),
             "monitor": lambda a: self._monitors.append(parse_monitor(a.text)),
         }
+
+    def _start_nbd(self, options: dict[str, Any]) -> None:
+        """``--nbd-server`` takes a flat SocketAddress: errors name its members as the user
+        wrote them (``addr.path``), not as the legacy shape they became (``addr.data.path``)."""
+        try:
+            self.run_qmp("nbd-server-start", nbd_server_args(options))
+        except PyfleeceError as err:
+            text = str(err).replace("'addr.data.", "'addr.")
+            if text == str(err):
+                raise
+            raise ConfigError(text) from err
+
+    def _add_chardev(self, spec: ChardevSpec) -> None:
+        if any(c.id == spec.id for c in self._chardevs):
+            raise ConfigError(f"Duplicate ID '{spec.id}' for chardev")
+        self._chardevs.append(spec)
 
     def _add_object(self, props: dict[str, Any]) -> None:
         add_object(self, props)
@@ -151,11 +169,21 @@ class Daemon:
 
 
 def write_pidfile(path: str) -> None:
-    """Writes the pid atomically (a reader never sees an empty or partial file)."""
+    """Writes the pid atomically (a reader never sees an empty or partial file).
+
+    Raises:
+        ConfigError: the file cannot be written (QEMU's wording).
+    """
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        reason = os.strerror(err.errno or 5)
+        raise ConfigError(f"cannot create PID file: Could not create '{path}': {reason}") from err
 
 
 def remove_pidfile(path: str) -> None:

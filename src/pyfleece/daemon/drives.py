@@ -86,8 +86,23 @@ class DriveTable:
             self._drives[drive_id] = drive
             return drive
 
-    def _blockdev_options(self, opts: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        drive_id = opts.pop("id", None) or f"none{next(self._auto)}"
+    def blockdev_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Legacy ``-drive`` options (with a ``node-name``, no drive) as blockdev options,
+        for HMP ``drive_add -n``.
+
+        Raises:
+            ConfigError, NodeNotFound: as ``add``.
+        """
+        opts = dict(options)
+        name = opts.get("node-name")
+        _, blockdev = self._blockdev_options(opts, drive_id=str(name))
+        return blockdev
+
+    def _blockdev_options(
+        self, opts: dict[str, Any], drive_id: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        if drive_id is None:
+            drive_id = opts.pop("id", None) or f"none{next(self._auto)}"
         if not isinstance(drive_id, str):
             raise ConfigError("Parameter 'id' expects a string")
         interface = opts.pop("if", "none")

@@ -1,8 +1,16 @@
-"""``pyfleece daemon``: parse the command line, start everything, serve until told to stop."""
+"""``pyfleece daemon``: parse the command line, start everything, serve until told to stop.
+
+Exit status: 0 after a clean stop (signal or ``quit``), 1 when start-up fails; a failed
+start-up leaves no socket and no pidfile behind. ``--daemonize`` forks as QEMU does: the
+parent waits until the daemon is ready (pidfile written) and exits 0, or with 1 if the daemon
+failed to start; the daemon then detaches its standard streams. Unlike QEMU it keeps its
+working directory, so relative paths given later over QMP mean what they meant at start.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from pyfleece import __version__
@@ -25,6 +33,9 @@ def main(argv: list[str]) -> int:
     if args.show_version:
         print(f"pyfleece daemon {__version__} (speaks QEMU 7.2's protocols)")
         return 0
+    ready_fd = -1
+    if args.daemonize:
+        ready_fd = _daemonize()  # returns only in the daemon
     daemon = Daemon()
     daemon.install_signal_handlers()
     try:
@@ -34,13 +45,15 @@ def main(argv: list[str]) -> int:
             except PyfleeceError as err:
                 raise PyfleeceError(f"--{action.kind} {action.text}: {err}") from err
         daemon.start_monitors()
+        if args.pidfile:
+            write_pidfile(args.pidfile)
     except PyfleeceError as err:
         sys.stderr.write(f"pyfleece daemon: {err}\n")
         daemon.shutdown()
         return 1
-    if args.pidfile:
-        write_pidfile(args.pidfile)
     log.info("ready")
+    if ready_fd >= 0:
+        _detach(ready_fd)
     try:
         daemon.wait()
     finally:
@@ -48,3 +61,29 @@ def main(argv: list[str]) -> int:
         if args.pidfile:
             remove_pidfile(args.pidfile)
     return 0
+
+
+def _daemonize() -> int:
+    """Forks twice (no controlling terminal); the original process waits on a pipe and
+    exits with 0 once the daemon reports readiness, 1 if it never does. Returns, in the
+    daemon, the pipe's write end."""
+    read_fd, write_fd = os.pipe()
+    if os.fork() > 0:
+        os.close(write_fd)
+        ready = os.read(read_fd, 1)
+        os._exit(0 if ready == b"R" else 1)
+    os.close(read_fd)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)  # the intermediate process; its parent waits on the pipe, not on it
+    return write_fd
+
+
+def _detach(ready_fd: int) -> None:
+    """Tells the waiting parent that the daemon is ready, then leaves the terminal."""
+    os.write(ready_fd, b"R")
+    os.close(ready_fd)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)

@@ -4,15 +4,28 @@
 with theirs under ``inserted``; HMP ``info block`` prints a summary of the same. Implicit
 nodes (the fleecing guard) are shown as the node they filter, as QEMU hides its implicit
 filters.
+
+File names follow QEMU's rule (block.c, bdrv_refresh_filename): a node whose data a plain
+file name describes is shown by that name (its own, or its primary child's); one whose
+options change what that file would show (a raw window with ``offset``/``size``, a qcow2
+whose backing is not the one its header names, a null-co disk of a chosen size) is shown as
+``json:`` followed by its options, in the key order QEMU's QDict iterates. Sizes are shown
+in whole 512-byte sectors, as QEMU counts them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
 from pyfleece.block.node import Node
+from pyfleece.img.common import qdict_order
+
+SECTOR = 512
+#: null-co's size when none is given: a disk of that size is described by "null-co://".
+NULL_DEFAULT_SIZE = 1 << 30
 
 
 def visible(node: Node | None) -> Node | None:
@@ -22,16 +35,96 @@ def visible(node: Node | None) -> Node | None:
     return node
 
 
+def described(node: Node) -> tuple[str | None, dict[str, Any]]:
+    """A node's exact file name (None when a plain name cannot describe it) and its
+    options as QEMU gathers them for a ``json:`` name (driver, strong options, children)."""
+    node = visible(node) or node
+    if node.driver in ("file", "host_device"):
+        name = str(getattr(node, "filename", ""))
+        return name, {"driver": node.driver, "filename": name}
+    if node.driver == "null-co":
+        opts: dict[str, Any] = {"driver": "null-co"}
+        if node.size != NULL_DEFAULT_SIZE:
+            opts["size"] = node.size
+        return ("null-co://" if len(opts) == 1 else None), opts
+    if node.driver == "raw":
+        return _format(node, _raw_strong(node), backing_overridden=False)
+    if node.driver == "qcow2":
+        return _format(node, {}, backing_overridden=_backing_overridden(node))
+    uri = getattr(node, "uri", None)
+    if isinstance(uri, str):
+        return uri, {"driver": node.driver, "uri": uri}
+    own = getattr(node, "filename", None)
+    if isinstance(own, str):
+        return own, {"driver": node.driver, "filename": own}
+    child = node.child("file") or node.child("image")
+    if child is not None:
+        child_name, child_opts = described(child)
+        return child_name, {"driver": node.driver, "image": child_opts}
+    return "", {"driver": node.driver}
+
+
+def _raw_strong(node: Node) -> dict[str, Any]:
+    strong: dict[str, Any] = {}
+    offset = getattr(node, "offset", 0)
+    if offset:
+        strong["offset"] = offset
+    fixed = getattr(node, "_fixed_size", None)
+    if fixed is not None:
+        strong["size"] = fixed
+    return strong
+
+
+def _format(
+    node: Node, strong: dict[str, Any], *, backing_overridden: bool
+) -> tuple[str | None, dict[str, Any]]:
+    opts: dict[str, Any] = {"driver": node.driver, **strong}
+    file = node.child("file")
+    exact: str | None = None
+    if file is not None:
+        exact, opts["file"] = described(file)
+    if backing_overridden:
+        below = backing(node)
+        opts["backing"] = described(below)[1] if below is not None else None
+    if strong or backing_overridden:
+        exact = None
+    return exact, opts
+
+
+def _backing_overridden(node: Node) -> bool:
+    """Whether the node's backing is not the one its image header names (QEMU's
+    bdrv_backing_overridden)."""
+    below = backing(node)
+    header = getattr(node, "backing_filename", None)
+    if below is None:
+        return bool(header)
+    if not header:
+        return True
+    names = {header, getattr(node, "full_backing_filename", None)}
+    return filename(below) not in names
+
+
 def filename(node: Node) -> str:
-    """The file name a node is opened on (its own, or its file child's)."""
+    """The name QEMU shows for a node: its exact file name, or ``json:{options}``."""
+    exact, opts = described(node)
+    if exact is not None:
+        return exact
+    return "json:" + json.dumps(qdict_order(opts))
+
+
+def host_filename(node: Node) -> str:
+    """The host file a node's data lives in (its own, or its file child's), or ""."""
+    node = visible(node) or node
     own = getattr(node, "filename", None)
     if isinstance(own, str):
         return own
-    uri = getattr(node, "uri", None)
-    if isinstance(uri, str):
-        return uri
-    file = node.child("file") or node.child("image")
-    return filename(file) if file is not None else ""
+    child = node.child("file") or node.child("image")
+    return host_filename(child) if child is not None else ""
+
+
+def sectors(size: int) -> int:
+    """A size in bytes rounded up to whole sectors, as QEMU reports node lengths."""
+    return -(-size // SECTOR) * SECTOR
 
 
 def backing(node: Node) -> Node | None:
@@ -48,7 +141,7 @@ def chain_depth(node: Node) -> int:
 
 
 def actual_size(node: Node) -> int | None:
-    name = filename(node)
+    name = host_filename(node)
     try:
         return os.stat(name).st_blocks * 512 if name else None
     except OSError:
@@ -56,29 +149,32 @@ def actual_size(node: Node) -> int | None:
 
 
 def image_info(node: Node, *, with_chain: bool = False) -> dict[str, Any]:
-    """ImageInfo: what ``qemu-img info --output=json`` shows for the node."""
+    """ImageInfo: what ``qemu-img info --output=json`` shows for the node. The backing
+    file members come from the image header; ``backing-image`` follows the node's real
+    backing (which blockdev-add may have overridden)."""
     info: dict[str, Any] = {}
-    below = backing(node)
     own = getattr(node, "info", None)
     extra: dict[str, Any] = own() if callable(own) else {}
-    if below is not None:
-        info["backing-filename-format"] = below.driver
-    info["virtual-size"] = node.size
+    if "backing-filename-format" in extra:
+        info["backing-filename-format"] = extra["backing-filename-format"]
+    info["virtual-size"] = sectors(node.size)
     info["filename"] = filename(node)
     if "cluster-size" in extra:
         info["cluster-size"] = extra["cluster-size"]
     info["format"] = node.driver
-    size = actual_size(node)
+    size = 0 if node.driver == "null-co" else actual_size(node)
     if size is not None:
         info["actual-size"] = size
     if "format-specific" in extra:
         info["format-specific"] = extra["format-specific"]
-    if below is not None:
-        info["full-backing-filename"] = filename(below)
-        info["backing-filename"] = extra.get("backing-filename", filename(below))
-        if with_chain:
-            info["backing-image"] = image_info(below, with_chain=True)
-    info["dirty-flag"] = bool(extra.get("dirty-flag", False))
+    for key in ("full-backing-filename", "backing-filename"):
+        if key in extra:
+            info[key] = extra[key]
+    below = backing(node)
+    if below is not None and with_chain:
+        info["backing-image"] = image_info(below, with_chain=True)
+    if node.driver != "null-co":  # QEMU has no dirty flag to report for null-co
+        info["dirty-flag"] = bool(extra.get("dirty-flag", False))
     return info
 
 
@@ -90,7 +186,7 @@ def device_info(node: Node, *, with_chain: bool = False) -> dict[str, Any]:
         "image": image_info(node, with_chain=with_chain),
         "ro": node.read_only,
         "node-name": node.node_name,
-        "backing_file_depth": chain_depth(node),
+        "backing_file_depth": chain_depth(node) if with_chain else 0,
         "drv": node.driver,
         "write_threshold": 0,
         "encrypted": False,
@@ -100,7 +196,7 @@ def device_info(node: Node, *, with_chain: bool = False) -> dict[str, Any]:
     }
     below = backing(node)
     if below is not None:
-        info["backing_file"] = info["image"]["backing-filename"]
+        info["backing_file"] = filename(below)
     return info
 
 
@@ -117,12 +213,14 @@ def all_nodes(roots: list[Node]) -> Iterator[Node]:
         stack.extend(reversed([c.node for c in node.children.values()]))
 
 
-def hmp_block_summary(device: str, node: Node) -> str:
-    """One drive, as HMP ``info block`` prints it."""
-    ro = ", read-only" if node.read_only else ""
-    lines = [f"{device} ({node.node_name}): {filename(node)} ({node.driver}{ro})"]
+def hmp_block_summary(device: str | None, info: dict[str, Any]) -> str:
+    """One drive (or, without a device name, one node), as HMP ``info block`` prints it
+    from its BlockDeviceInfo."""
+    ro = ", read-only" if info["ro"] else ""
+    head = f"{device} ({info['node-name']})" if device else info["node-name"]
+    lines = [f"{head}: {info['file']} ({info['drv']}{ro})"]
     lines.append("    Cache mode:       writeback")
-    below = backing(node)
-    if below is not None:
-        lines.append(f"    Backing file:     {filename(below)} (chain depth: {chain_depth(node)})")
+    if "backing_file" in info:
+        depth = info["backing_file_depth"]
+        lines.append(f"    Backing file:     {info['backing_file']} (chain depth: {depth})")
     return "\n".join(lines) + "\n"

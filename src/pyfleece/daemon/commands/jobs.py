@@ -84,12 +84,16 @@ def lookup(ctx: Daemon, name: str) -> Node:
 
 
 def _unsupported(args: dict[str, Any]) -> None:
-    if "bitmap" in args or "bitmap-mode" in args:
-        raise CommandError("Bitmap-based backup is not supported yet")
+    """Refuses what pyfleece cannot do, with QEMU's texts where QEMU would refuse too:
+    nodes here carry no dirty bitmaps, so any bitmap named is not found."""
+    if args["sync"] in ("bitmap", "incremental") and "bitmap" not in args:
+        raise CommandError(f"must provide a valid bitmap name for '{args['sync']}' sync mode")
+    if "bitmap" in args:
+        raise CommandError(f"Bitmap '{args['bitmap']}' could not be found")
+    if "bitmap-mode" in args:
+        raise CommandError("Cannot specify bitmap sync mode without a bitmap")
     if args.get("compress"):
         raise CommandError("Compressed backup is not supported")
-    if args["sync"] in ("bitmap", "incremental"):
-        raise CommandError(f"Sync mode '{args['sync']}' needs a bitmap, not supported yet")
 
 
 def start_backup(ctx: Daemon, args: dict[str, Any], target: Node) -> BackupJob:

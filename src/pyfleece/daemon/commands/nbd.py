@@ -9,10 +9,14 @@ disconnected, BLOCK_EXPORT_DELETED); ``blockdev-del`` refuses while they exist.
 
 from __future__ import annotations
 
+import re
+import socket
 from typing import TYPE_CHECKING, Any
 
 from pyfleece.errors import CommandError, ConfigError
 from pyfleece.monitor.dispatch import Dispatcher
+from pyfleece.monitor.qapi.commands import CommandSpec
+from pyfleece.monitor.schema import BOOL, STR, Enum, FlatUnion, struct
 from pyfleece.nbd.server import NbdServer
 from pyfleece.nbd.tls import TlsCredsX509, creds_from_object
 
@@ -21,6 +25,32 @@ if TYPE_CHECKING:
     from pyfleece.daemon.core import Daemon
 
 DEFAULT_MAX_CONNECTIONS = 100
+
+#: object-add's arguments (QEMU's ObjectOptions), for the one type pyfleece has.
+_TLS_CREDS_X509 = struct(
+    "TlsCredsX509Properties",
+    {
+        "*loaded": BOOL,
+        "*endpoint": Enum("QCryptoTLSCredsEndpoint", ("client", "server")),
+        "*dir": STR,
+        "*priority": STR,
+        "*verify-peer": BOOL,
+    },
+)
+OBJECT_ADD = CommandSpec(
+    "object-add",
+    FlatUnion(
+        "ObjectOptions",
+        base=struct(
+            "ObjectOptionsBase",
+            {"qom-type": Enum("ObjectType", ("tls-creds-x509",)), "id": STR},
+        ),
+        discriminator="qom-type",
+        variants={"tls-creds-x509": _TLS_CREDS_X509},
+    ),
+    boxed=True,
+)
+OBJECT_DEL = CommandSpec("object-del", struct("q_obj_object-del-arg", {"id": STR}))
 
 
 def register(dispatcher: Dispatcher) -> None:
@@ -32,6 +62,10 @@ def register(dispatcher: Dispatcher) -> None:
     qmp.register("block-export-add", block_export_add)
     qmp.register("block-export-del", block_export_del)
     qmp.register("query-block-exports", query_block_exports)
+    qmp.describe(OBJECT_ADD)
+    qmp.describe(OBJECT_DEL)
+    qmp.register("object-add", object_add)
+    qmp.register("object-del", object_del)
     hmp.register(
         "nbd_server_start", "all:-a,writable:-w,uri:s", "nbd_server_start [-a] [-w] host:port",
         "serve block devices on the given host and port", hmp_nbd_server_start,
@@ -65,7 +99,26 @@ def add_object(ctx: Daemon, props: dict[str, Any]) -> None:
         raise ConfigError("Parameter 'id' is missing")
     if object_id in ctx.objects:
         raise ConfigError(f"attempt to add duplicate property '{object_id}' to object")
-    ctx.objects[object_id] = creds_from_object(props)
+    if "dir" not in props:
+        raise ConfigError("Missing 'dir' property value")
+    creds = creds_from_object(props)
+    # QEMU loads the files when the object is created: a typo fails here, not at the
+    # first client's handshake.
+    if creds.endpoint == "server":
+        creds.server_context()
+    else:
+        creds.client_context()
+    ctx.objects[object_id] = creds
+
+
+def object_add(ctx: Daemon, args: dict[str, Any]) -> None:
+    add_object(ctx, args)
+
+
+def object_del(ctx: Daemon, args: dict[str, Any]) -> None:
+    """Removes an object; a server already started keeps the credentials it loaded."""
+    if ctx.objects.pop(args["id"], None) is None:
+        raise CommandError(f"object '{args['id']}' not found")
 
 
 def tls_creds(ctx: Daemon, creds_id: str) -> TlsCredsX509:
@@ -104,13 +157,32 @@ def nbd_server_start(ctx: Daemon, args: dict[str, Any]) -> None:
         if addr["type"] == "unix":
             nbd.listen_unix(data["path"])
         elif addr["type"] == "inet":
-            nbd.listen_tcp(data["host"], int(data["port"]))
+            nbd.listen_tcp(data["host"], tcp_port(data["host"], str(data["port"])))
         else:
             raise CommandError(f"NBD server address type '{addr['type']}' is not supported")
     except BaseException:
         nbd.stop()
         raise
     ctx.nbd = nbd
+
+
+def tcp_port(host: str, port: str) -> int:
+    """A port number, or a service name (``nbd``) as getaddrinfo would take it.
+
+    Raises:
+        CommandError: QEMU's "address resolution failed" for anything else.
+    """
+    if port.isdigit():
+        number = int(port)
+        if number <= 65535:
+            return number
+        raise CommandError(f"address resolution failed for {host}:{port}: port out of range")
+    try:
+        return socket.getservbyname(port, "tcp")
+    except OSError:
+        raise CommandError(
+            f"address resolution failed for {host}:{port}: Servname not supported for ai_socktype"
+        ) from None
 
 
 def stop_server(ctx: Daemon) -> None:
@@ -132,22 +204,44 @@ def nbd_server_args(options: dict[str, Any]) -> dict[str, Any]:
 # -- exports ----------------------------------------------------------------------------------
 
 
-def _node(ctx: Daemon, name: str) -> Node:
+def _node(ctx: Daemon, name: str, *, device: bool) -> Node:
+    """The node an export names: nbd-server-add's ``device`` is a drive or a node,
+    block-export-add's ``node-name`` only a node (QEMU's texts differ accordingly)."""
     node = ctx.drives.node_of(name)
     if node is None:
-        raise CommandError(f"Cannot find device='{name}' nor node-name='{name}'")
+        raise CommandError(f"Cannot find device='{name if device else ''}' nor node-name='{name}'")
     return node
 
 
 def _no_bitmaps(args: dict[str, Any]) -> None:
-    if args.get("bitmap") or args.get("bitmaps"):
-        raise CommandError("Exporting dirty bitmaps is not supported yet")
+    """pyfleece nodes carry no dirty bitmaps yet, so any bitmap named is not found."""
+    names = [args["bitmap"]] if args.get("bitmap") else []
+    names += [b if isinstance(b, str) else b.get("name", "") for b in args.get("bitmaps", [])]
+    if names:
+        raise CommandError(f"Bitmap '{names[0]}' is not found")
+
+
+def _check_writable(node: Node, writable: bool) -> None:
+    """A writable export may not write under a format node (raw bytes into a qcow2's
+    file would corrupt it), as QEMU's permission system refuses."""
+    if not writable:
+        return
+    for ref in node.refs():
+        if ref.hard and ref.reason.startswith("node is used as file of"):
+            parent = ref.reason.rsplit(" of ", 1)[1].strip("'")
+            raise CommandError(
+                f"Permission conflict on node '{node.node_name}': permissions 'write' are "
+                f"both required by an unnamed block device (uses node '{node.node_name}' "
+                f"as 'root' child) and unshared by node '{parent}' (uses node "
+                f"'{node.node_name}' as 'file' child)."
+            )
 
 
 def nbd_server_add(ctx: Daemon, args: dict[str, Any]) -> None:
     _no_bitmaps(args)
     nbd = server(ctx)
-    node = _node(ctx, args["device"])
+    node = _node(ctx, args["device"], device=True)
+    _check_writable(node, args.get("writable", False))
     name = args.get("name", args["device"])
     nbd.add_export(
         node, name, export_id=name, writable=args.get("writable", False),
@@ -156,7 +250,9 @@ def nbd_server_add(ctx: Daemon, args: dict[str, Any]) -> None:
 
 
 def nbd_server_remove(ctx: Daemon, args: dict[str, Any]) -> None:
-    server(ctx).remove_export(args["name"], args.get("mode", "safe"))
+    if ctx.nbd is None:
+        raise CommandError(f"Export '{args['name']}' is not found")
+    ctx.nbd.remove_export(args["name"], args.get("mode", "safe"))
 
 
 def block_export_add(ctx: Daemon, args: dict[str, Any]) -> None:
@@ -164,7 +260,8 @@ def block_export_add(ctx: Daemon, args: dict[str, Any]) -> None:
     if "iothread" in args:
         raise CommandError("iothreads are not supported: pyfleece serves every export itself")
     nbd = server(ctx)
-    node = _node(ctx, args["node-name"])
+    node = _node(ctx, args["node-name"], device=False)
+    _check_writable(node, args.get("writable", False))
     nbd.add_export(
         node,
         args.get("name", args["node-name"]),
@@ -196,19 +293,46 @@ def _hmp(action: Any) -> str:
 
 
 def hmp_nbd_server_start(ctx: Daemon, args: dict[str, Any]) -> str:
-    uri: str = args["uri"]
+    """``nbd_server_start [-a] [-w] host:port|unix:path``; with -a, every drive is
+    exported (writable with -w), and a failure stops the server again, as in QEMU."""
+    if args.get("writable") and not args.get("all"):
+        raise CommandError("-w only valid together with -a")
+    nbd_server_start(ctx, {"addr": parse_socket_address(args["uri"])})
+    if args.get("all"):
+        try:
+            for drive in ctx.drives:
+                nbd_server_add(ctx, {"device": drive.id, "writable": bool(args.get("writable"))})
+        except BaseException:
+            stop_server(ctx)
+            raise
+    return ""
+
+
+def parse_socket_address(uri: str) -> dict[str, Any]:
+    """An HMP address (``unix:PATH``, ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT``) as
+    nbd-server-start's ``addr``.
+
+    Raises:
+        CommandError: QEMU's parse errors.
+    """
     if uri.startswith("unix:"):
-        addr = {"type": "unix", "data": {"path": uri[len("unix:") :]}}
+        return {"type": "unix", "data": {"path": uri[len("unix:") :]}}
+    if uri.startswith(("fd:", "vsock:")):
+        raise CommandError(f"NBD server address type '{uri.split(':')[0]}' is not supported")
+    if uri.startswith("["):
+        match = re.fullmatch(r"\[([^\]]+)\]:(\S+)", uri)
+        if match is None:
+            raise CommandError(f"error parsing IPv6 address '{uri}'")
+        host, port = match.groups()
+    elif uri.startswith(":"):
+        host, port = "", uri[1:]
+        if not port:
+            raise CommandError(f"error parsing port in address '{uri}'")
     else:
         host, sep, port = uri.rpartition(":")
-        if not sep or not port:
-            raise CommandError(f"address resolution failed for {uri}: Servname not supported")
-        addr = {"type": "inet", "data": {"host": host.strip("[]"), "port": port}}
-    nbd_server_start(ctx, {"addr": addr})
-    if args.get("all"):
-        for drive in ctx.drives:
-            nbd_server_add(ctx, {"device": drive.id, "writable": bool(args.get("writable"))})
-    return ""
+        if not sep or not host or not port:
+            raise CommandError(f"error parsing address '{uri}'")
+    return {"type": "inet", "data": {"host": host, "port": port}}
 
 
 def hmp_nbd_server_add(ctx: Daemon, args: dict[str, Any]) -> str:
