@@ -228,9 +228,9 @@ class RawClient:
 
 
 @contextmanager
-def nbd_tool(args: list[str], pid_file: Path, *, env: dict[str, str] | None = None) -> Iterator[
-    subprocess.Popen[bytes]
-]:
+def nbd_tool(
+    args: list[str], pid_file: Path, *, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Runs ``pyfleece nbd ARGS --pid-file PID_FILE`` until its pid file appears; always
     terminates, waits, then kills it."""
     full_env = dict(os.environ, PYTHONPATH=SRC, **(env or {}))
