@@ -307,3 +307,56 @@ def pattern(offset: int, length: int) -> bytes:
     first = offset - offset % 8
     words = b"".join(struct.pack(">Q", o) for o in range(first, offset + length + 8, 8))
     return words[offset - first : offset - first + length]
+
+
+# -- TLS certificates in QEMU's layout ------------------------------------------------------
+
+
+def make_certs(root: Path, openssl: str) -> tuple[Path, Path, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1/::1 and a client certificate,
+    made with the ``openssl`` CLI. Returns (server dir, client dir, CA-only dir), laid out
+    as QEMU's tls-creds-x509 and libnbd's tls-certificates expect."""
+    server, client, bare = root / "server", root / "client", root / "ca-only"
+    for d in (server, client, bare):
+        d.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = root / "ca-key.pem", root / "ca-cert.pem"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "2",
+        "-subj", "/CN=pyfleece test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    leaves = {
+        "server": "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n"
+        "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+        "client": "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+    }
+    for role, ext in leaves.items():
+        target = server if role == "server" else client
+        key, csr, ext_file = target / f"{role}-key.pem", root / f"{role}.csr", root / f"{role}.ext"
+        ext_file.write_text(ext)
+        run("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={role}")
+        run("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(target / f"{role}-cert.pem"), "-days", "2",
+            "-extfile", str(ext_file))  # fmt: skip
+    for d in (server, client, bare):
+        (d / "ca-cert.pem").write_bytes(ca_cert.read_bytes())
+    return server, client, bare
+
+
+def require_module(name: str) -> object:
+    """Imports a peer's Python module; in CI a missing one fails instead of skipping."""
+    import importlib
+
+    import pytest
+
+    from tests.conftest import IN_CI
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if IN_CI:
+            pytest.fail(f"Python module '{name}' is missing")
+        pytest.skip(f"Python module '{name}' is missing")
