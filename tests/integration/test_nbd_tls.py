@@ -222,7 +222,7 @@ def test_starttls_then_a_fresh_negotiation(server: TlsServer) -> None:
         (
             ["--object", "tls-creds-x509,id=t,endpoint=server,dir=/tmp,verify-peer=maybe"],
             "'verify-peer' expects 'on' or 'off'",
-        ),  # fmt: skip
+        ),
     ],
     ids=["unknown-id", "client-endpoint", "missing-dir", "psk", "bad-bool"],
 )
