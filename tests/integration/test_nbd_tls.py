@@ -216,7 +216,7 @@ def test_starttls_then_a_fresh_negotiation(server: TlsServer) -> None:
                 "--tls-creds",
                 "t",
             ],
-            "Unable to access credentials /none/ca-cert.pem",
+            "Unable to access credentials /nonexistent/ca-cert.pem",
         ),
         (["--object", "tls-creds-psk,id=t,dir=/tmp"], "does not accept value 'tls-creds-psk'"),
         (
