@@ -19,7 +19,7 @@ from pyfleece import __version__
 TOOLS: dict[str, tuple[str, str]] = {
     "img": ("pyfleece.img.main", "create, inspect, check, map, compare and convert images"),
     "nbd": ("pyfleece.nbd.tool", "export one image over NBD (like qemu-nbd)"),
-    "daemon": ("pyfleece.daemon", "storage daemon with QMP/HMP, jobs and NBD (like qsd)"),
+    "daemon": ("pyfleece.daemon.main", "storage daemon with QMP/HMP, jobs and NBD (like qsd)"),
 }
 
 USAGE = """\

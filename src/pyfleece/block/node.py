@@ -42,7 +42,8 @@ class Extent(NamedTuple):
         zero: the range reads as zeros.
         allocated: some layer of the chain (this node or a backing) provides the range.
         depth: which layer provides it: 0 for this node, 1 for its backing, and so on; for a
-            range no layer allocates, the number of layers in the chain.
+            range no layer allocates, the depth at which the lookup stopped, as
+            ``qemu-img map`` reports it (the deepest layer consulted).
         host_offset: where the data lies in the providing layer's file, when it is stored
             plainly there (``qemu-img map``'s ``offset``).
         compressed: the providing layer stores the range compressed.

@@ -481,3 +481,50 @@ class RefcountCodec:
         shift = (index % per_byte) * bits
         pos = index // per_byte
         block[pos] = (block[pos] & ~(self.max << shift) & 0xFF) | (value << shift)
+
+
+# -- L2 entries -----------------------------------------------------------------------------
+
+
+class Cluster(IntEnum):
+    """What a standard (non-extended) L2 entry describes ("Cluster mapping")."""
+
+    UNALLOCATED = 0  # reads from the backing file (zeros without one)
+    ZERO_PLAIN = 1  # reads as zeros, no host cluster
+    ZERO_ALLOC = 2  # reads as zeros, keeps a (preallocated) host cluster
+    NORMAL = 3  # data in the host cluster
+    COMPRESSED = 4  # compressed data, see decode_compressed
+
+
+def l2_kind(entry: int) -> Cluster:
+    """Classifies an L2 entry; alignment is checked by ``l2_host``."""
+    if entry & OFLAG_COMPRESSED:
+        return Cluster.COMPRESSED
+    host = entry & OFFSET_MASK
+    if entry & OFLAG_ZERO:
+        return Cluster.ZERO_ALLOC if host else Cluster.ZERO_PLAIN
+    return Cluster.NORMAL if host else Cluster.UNALLOCATED
+
+
+def l2_host(entry: int, cluster_bits: int) -> int:
+    """The host offset of a standard entry.
+
+    Raises:
+        CorruptImage: the offset is not aligned to a cluster.
+    """
+    host = entry & OFFSET_MASK
+    if host & ((1 << cluster_bits) - 1):
+        raise CorruptImage(f"qcow2: cluster allocation offset {host:#x} unaligned")
+    return host
+
+
+def compressed_clusters(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """Host clusters a compressed entry holds a reference on: (first index, count).
+
+    The referenced range is the sectors of the descriptor, as ``qemu-img check`` counts it.
+    """
+    desc = decode_compressed(entry, cluster_bits)
+    start = desc.host_offset & ~511
+    end = desc.host_offset + desc.length
+    first = start >> cluster_bits
+    return first, ((end - 1) >> cluster_bits) - first + 1

@@ -1,0 +1,511 @@
+"""Copy-before-write: the one place the snapshot invariant's locking lives.
+
+THE SNAPSHOT INVARIANT (DESIGN.md, invariant 1): from the moment a fleecing job starts, every
+byte read from the snapshot equals the byte on the live disk at that moment, whatever the
+guest does.
+
+How it is kept:
+
+- The disk (``source``) is cut into *units* of max(64 KiB, target cluster size), aligned.
+  Each unit is *copied* (its snapshot-time bytes are on the target), *claimed* (a copy is in
+  flight: the exclusive lock) or neither. ``copied`` only goes from 0 to 1.
+- A guest write, write-zeroes or discard on the source runs ``_hook`` first (a write hook:
+  inside the source's tracked request, before the driver). It claims every unit it touches
+  that is not copied, waits until no snapshot reader holds any of them, copies them, marks
+  them copied, and only then lets the guest request reach the driver. Two writers of one
+  unit: the second waits for the first's claim and finds the unit copied, so a unit is copied
+  at most once. A copy that fails fails the guest request (BlockError, BLOCK_IO_ERROR) and
+  leaves the unit uncopied, so the next writer tries again: the snapshot is never silently
+  wrong.
+- Zeros are copied as explicit zeros (``write_zeroes`` without may-unmap), so the target
+  allocates them and never reads through to the live disk for that unit again.
+- A snapshot read that falls through the target to the live disk goes through a
+  ``SnapshotGuard``, put in place of the source as the target's ``backing`` child. For each
+  unit it waits until no claim is in flight, then either reads the target's own copy (unit
+  copied: the target allocates it) or takes the unit's *shared* lock and reads the source,
+  which cannot change meanwhile because copying (and so writing) needs the exclusive claim,
+  and claiming waits for shared holders. New readers wait for a pending claim (writers
+  first), so neither side starves.
+- Attaching installs the guard, then the hook, then waits for the source's write requests
+  that began before the hook was installed: when ``attach`` returns, the snapshot is taken.
+
+Lock order: a thread never waits for anything while it holds a shared lock, and a claimer
+only waits for readers and for other claimers (who only wait for readers), so there are no
+cycles. Nothing sleeps to synchronise: every wait is on ``self._cond``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+from pyfleece.block.node import Extent, Node, Ref
+from pyfleece.block.tracking import ReqKind
+from pyfleece.errors import BlockError
+from pyfleece.events import EventBus
+
+#: The smallest copy unit (QEMU's block-copy granularity floor).
+MIN_UNIT = 64 * 1024
+#: Largest single read/write a copy issues (bounds the per-thread buffer).
+MAX_PIECE = 4 * 1024 * 1024
+
+_WRITE_KINDS = frozenset({ReqKind.WRITE, ReqKind.ZERO, ReqKind.DISCARD})
+_NONE: set[int] = set()
+
+
+class CopyFailed(BlockError):
+    """A copy-before-write copy failed.
+
+    Attributes:
+        operation: "read" when reading the source failed, "write" when writing the target
+            did (QEMU's IoOperationType, for BLOCK_JOB_ERROR).
+    """
+
+    def __init__(self, err: int, message: str, operation: str) -> None:
+        super().__init__(err, message)
+        self.operation = operation
+
+
+def unit_size(target_cluster_size: int = 0) -> int:
+    """The copy unit for a target with this cluster size: max(64 KiB, cluster size)."""
+    return max(MIN_UNIT, target_cluster_size)
+
+
+class CopyBeforeWrite:
+    """Keeps a point-in-time copy of ``source`` on ``target`` while the guest writes.
+
+    Args:
+        source: the live disk (the node the guest writes through).
+        target: where snapshot-time data is copied; same size as the source.
+        unit: the copy unit (see ``unit_size``).
+        device: the source's device name, for BLOCK_IO_ERROR ("" if none).
+        bus: where BLOCK_IO_ERROR goes (None: no events).
+        skip_unallocated: only copy units the source's top layer allocates (sync=top);
+            ignored while a guard is installed, because readers then need every unit.
+        on_copy_error: told about each failed guest-path copy (the job's error policy).
+    """
+
+    def __init__(
+        self,
+        source: Node,
+        target: Node,
+        *,
+        unit: int = MIN_UNIT,
+        device: str = "",
+        bus: EventBus | None = None,
+        skip_unallocated: bool = False,
+        on_copy_error: Callable[[CopyFailed], None] | None = None,
+    ) -> None:
+        if unit < MIN_UNIT or unit & (unit - 1):
+            raise ValueError(f"copy unit must be a power of two >= 64 KiB, not {unit}")
+        self.source = source
+        self.target = target
+        self.unit = unit
+        self.device = device
+        self.bus = bus
+        self.skip_unallocated = skip_unallocated
+        self.on_copy_error = on_copy_error
+        self.size = source.size
+        self.units = -(-self.size // unit)
+        self._cond = threading.Condition(threading.Lock())
+        self._copied = bytearray(self.units)  # 1: copied (or skipped as not needed)
+        self._claimed = bytearray(self.units)  # 1: a copy is in flight (exclusive)
+        self._readers: dict[int, int] = {}  # unit -> shared holders
+        self._local = threading.local()
+        self.bytes_copied = 0
+        self.bytes_skipped = 0
+        self.units_copied = 0
+        #: Threads blocked right now: claimers waiting for readers or other claims, and
+        #: readers waiting for claims (for tests that stage races, and for debugging).
+        self.waiting_claims = 0
+        self.waiting_readers = 0
+        self.guard: SnapshotGuard | None = None
+        self._backing_owned = False
+        self._attached = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Takes the snapshot: guard, hook, then waits out writes that began before it."""
+        backing = self.target.children.get("backing")
+        if backing is not None and backing.node is self.source:
+            self._backing_owned = backing.owned
+            self.guard = SnapshotGuard(self)
+            self.skip_unallocated = False
+            self.target.attach_child("backing", self.guard, owned=True)
+        self.source.write_hooks = [*self.source.write_hooks, self._hook]
+        self._attached = True
+        tracker = self.source.tracker
+        marker = tracker.begin(0, 0, ReqKind.FLUSH)
+        try:
+            tracker.wait_overlapping(0, self.size, before=marker, kinds=_WRITE_KINDS)
+        finally:
+            tracker.end(marker)
+
+    def detach(self) -> None:
+        """Stops copying, waits for copies in flight (so the target may be deleted once
+        this returns), and gives the target its source back as ``backing``."""
+        if not self._attached:
+            return
+        self._attached = False
+        self.source.write_hooks = [h for h in self.source.write_hooks if h != self._hook]
+        with self._cond:
+            while self._claimed.find(1) >= 0:
+                self._cond.wait()
+        if self.guard is not None and self.target.child("backing") is self.guard:
+            self.target.attach_child("backing", self.source, owned=self._backing_owned)
+
+    # -- progress ---------------------------------------------------------------------------
+
+    @property
+    def bytes_needed(self) -> int:
+        """Bytes a complete copy writes: the size, less what was skipped as unallocated."""
+        return self.size - self.bytes_skipped
+
+    def is_copied(self, unit: int) -> bool:
+        return bool(self._copied[unit])
+
+    def is_claimed(self, unit: int) -> bool:
+        return bool(self._claimed[unit])
+
+    def next_uncopied(self, offset: int) -> int | None:
+        """Offset of the first unit at or after ``offset`` not copied yet, or None."""
+        index = self._copied.find(0, offset // self.unit)
+        return None if index < 0 else index * self.unit
+
+    # -- the guest path ---------------------------------------------------------------------
+
+    def _hook(self, node: Node, offset: int, length: int, kind: ReqKind) -> None:
+        """Before-write hook on the source: copy what the request is about to change."""
+        if length <= 0 or offset >= self.size:
+            return
+        first = offset // self.unit
+        last = min((offset + length - 1) // self.unit, self.units - 1)
+        if self._copied.find(0, first, last + 1) < 0:
+            return  # all copied: ``copied`` never goes back to 0, so no lock is needed
+        try:
+            self._copy_units(first, last)
+        except CopyFailed as err:
+            self._report_io_error(err)
+            if self.on_copy_error is not None:
+                self.on_copy_error(err)
+            raise
+
+    def _report_io_error(self, err: CopyFailed) -> None:
+        if self.bus is None:
+            return
+        self.bus.emit(
+            "BLOCK_IO_ERROR",
+            {
+                "device": self.device,
+                "node-name": self.source.node_name,
+                "operation": "write",
+                "action": "report",
+                "nospace": err.errno == errno.ENOSPC,
+                "reason": os.strerror(err.errno),
+            },
+        )
+
+    # -- the background path ----------------------------------------------------------------
+
+    def copy(self, offset: int, length: int) -> int:
+        """Copies every unit of the range not copied yet; returns the bytes it copied.
+
+        Raises:
+            CopyFailed: reading the source or writing the target failed.
+        """
+        if length <= 0 or offset >= self.size:
+            return 0
+        first = offset // self.unit
+        last = min((offset + length - 1) // self.unit, self.units - 1)
+        return self._copy_units(first, last)
+
+    # -- claims (exclusive) -----------------------------------------------------------------
+
+    def _copy_units(self, first: int, last: int) -> int:
+        mine = self._claim(first, last)
+        if not mine:
+            return 0
+        done: list[int] = []
+        copied = 0
+        try:
+            for run_first, run_last in _runs(mine):
+                copied += self._copy_run(run_first, run_last, done)
+        finally:
+            self._release(mine, done)
+        return copied
+
+    def _claim(self, first: int, last: int) -> list[int]:
+        """Claims the uncopied units of [first, last]; returns them once no reader holds
+        them and no other claim on the range is in flight."""
+        mine: set[int] = set()
+        copied, claimed, readers = self._copied, self._claimed, self._readers
+        with self._cond:
+            while True:
+                others = False
+                for u in range(first, last + 1):
+                    if copied[u] or u in mine:
+                        continue
+                    if claimed[u]:
+                        others = True
+                    else:
+                        claimed[u] = 1
+                        mine.add(u)
+                if not others and not (readers and any(u in readers for u in mine)):
+                    self._local.mine = mine
+                    return sorted(mine)
+                self.waiting_claims += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self.waiting_claims -= 1
+
+    def _release(self, mine: list[int], done: list[int]) -> None:
+        self._local.mine = _NONE
+        with self._cond:
+            for u in done:
+                self._copied[u] = 1
+            for u in mine:
+                self._claimed[u] = 0
+            self._cond.notify_all()
+
+    def _copy_run(self, first: int, last: int, done: list[int]) -> int:
+        """Copies units [first, last] (claimed by this thread), appending each unit it
+        finishes (copied, or skipped as unallocated) to ``done``; returns bytes copied."""
+        copied = 0
+        if self.skip_unallocated:
+            wanted = self._allocated_units(first, last)
+        else:
+            wanted = list(range(first, last + 1))
+        for run_first, run_last in _runs(wanted):
+            s = run_first * self.unit
+            e = min((run_last + 1) * self.unit, self.size)
+            self._copy_bytes(s, e - s)
+            with self._cond:
+                self.bytes_copied += e - s
+                self.units_copied += run_last - run_first + 1
+            copied += e - s
+            done.extend(range(run_first, run_last + 1))
+        skipped = sorted(set(range(first, last + 1)) - set(wanted))
+        if skipped:
+            nbytes = sum(min(self.unit, self.size - u * self.unit) for u in skipped)
+            with self._cond:
+                self.bytes_skipped += nbytes
+            done.extend(skipped)
+        return copied
+
+    def _allocated_units(self, first: int, last: int) -> list[int]:
+        """The units of [first, last] that the source's top layer allocates (any byte)."""
+        wanted: list[int] = []
+        start, end = first * self.unit, min((last + 1) * self.unit, self.size)
+        for ext in self._source_extents(start, end - start):
+            if not (ext.allocated and ext.depth == 0):
+                continue
+            lo = ext.offset // self.unit
+            hi = (ext.offset + ext.length - 1) // self.unit
+            for u in range(lo, hi + 1):
+                if not wanted or wanted[-1] < u:
+                    wanted.append(u)
+        return wanted
+
+    def _source_extents(self, offset: int, length: int) -> Iterator[Extent]:
+        try:
+            yield from self.source.extents(offset, length)
+        except BlockError as err:
+            raise CopyFailed(err.errno, f"copy-before-write: {err}", "read") from err
+
+    def _copy_bytes(self, offset: int, length: int) -> None:
+        """Copies whole units [offset, offset+length) from source to target.
+
+        Units that read as zeros become explicit zeros on the target; the others are
+        copied as data. Each target request covers whole units (so whole target clusters):
+        a partial-cluster write would make the target read its backing for the rest.
+        """
+        unit = self.unit
+        zero = self._zero_units(offset, length)
+        first, last = offset // unit, (offset + length - 1) // unit
+        lo = first
+        for u in range(first + 1, last + 2):
+            if u <= last and (u in zero) == (lo in zero):
+                continue
+            s, e = lo * unit, min(u * unit, self.size)
+            if lo in zero:
+                self._write_target(s, e - s, None)
+            else:
+                piece = max(unit, MAX_PIECE // unit * unit)
+                for pos in range(s, e, piece):
+                    n = min(piece, e - pos)
+                    view = self._buffer(n)
+                    try:
+                        self.source.readinto(pos, view)
+                    except BlockError as err:
+                        raise CopyFailed(err.errno, f"copy-before-write: {err}", "read") from err
+                    self._write_target(pos, n, view)
+            lo = u
+
+    def _zero_units(self, offset: int, length: int) -> set[int]:
+        """The units of the range that read entirely as zeros on the source."""
+        unit, zero = self.unit, set[int]()
+        for ext in self._source_extents(offset, length):
+            if ext.zero and not ext.data:
+                lo = -(-ext.offset // unit)
+                hi = (ext.offset + ext.length) // unit
+                if ext.offset + ext.length >= self.size:
+                    hi = self.units
+                zero.update(range(lo, hi))
+        return zero
+
+    def _write_target(self, offset: int, length: int, data: memoryview | None) -> None:
+        try:
+            if data is None:
+                self.target.write_zeroes(offset, length)
+            else:
+                self.target.write(offset, data)
+        except BlockError as err:
+            raise CopyFailed(err.errno, f"copy-before-write: {err}", "write") from err
+
+    def _buffer(self, n: int) -> memoryview:
+        buf: bytearray | None = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = bytearray(max(n, 1 << 20))
+            self._local.buf = buf
+        return memoryview(buf)[:n]
+
+    # -- shared locks (snapshot readers) ----------------------------------------------------
+
+    def share(self, first: int, last: int) -> list[int]:
+        """Waits until no claim on [first, last] is in flight, then holds the uncopied
+        units shared; returns them (pass the list to ``unshare``)."""
+        copied, claimed, readers = self._copied, self._claimed, self._readers
+        mine: set[int] = getattr(self._local, "mine", _NONE)
+        with self._cond:
+            while claimed.find(1, first, last + 1) >= 0 and not all(
+                u in mine for u in range(first, last + 1) if claimed[u]
+            ):
+                self.waiting_readers += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self.waiting_readers -= 1
+            held = [u for u in range(first, last + 1) if not copied[u]]
+            for u in held:
+                readers[u] = readers.get(u, 0) + 1
+            return held
+
+    def unshare(self, held: list[int]) -> None:
+        if not held:
+            return
+        with self._cond:
+            wake = False
+            for u in held:
+                count = self._readers[u] - 1
+                if count:
+                    self._readers[u] = count
+                else:
+                    del self._readers[u]
+                    wake = wake or bool(self._claimed[u])
+            if wake:
+                self._cond.notify_all()
+
+
+class SnapshotGuard(Node):
+    """The target's ``backing`` child while copy-before-write runs: reads the snapshot.
+
+    An implicit filter (like QEMU's): user-facing code should show ``filtered`` instead.
+    It holds the source with the same reason as the edge it replaces, so deleting the
+    source names the target as QEMU does.
+    """
+
+    driver = "copy-before-write-guard"
+    implicit = True
+
+    def __init__(self, cbw: CopyBeforeWrite) -> None:
+        super().__init__(f"#cbw-{cbw.target.node_name}", read_only=True)
+        self.cbw = cbw
+        self.filtered = cbw.source
+        self._ref: Ref | None = cbw.source.add_ref(
+            f"node '{cbw.target.node_name}'",
+            f"node is used as backing hd of '{cbw.target.node_name}'",
+            hard=True,
+        )
+        self._local = threading.local()
+
+    @property
+    def size(self) -> int:
+        return self.cbw.size
+
+    def _readinto(self, offset: int, buf: memoryview) -> None:
+        cbw = self.cbw
+        if getattr(self._local, "in_target", False):
+            raise BlockError(
+                errno.EIO, f"{cbw.target.node_name} does not hold a unit it copied at {offset}"
+            )
+        end = offset + len(buf)
+        if not len(buf):
+            return
+        first, last = offset // cbw.unit, (end - 1) // cbw.unit
+        held = cbw.share(first, last)
+        try:
+            for lo, hi, copied in self._spans(first, last, set(held)):
+                s, e = max(lo * cbw.unit, offset), min((hi + 1) * cbw.unit, end)
+                part = buf[s - offset : e - offset]
+                if copied:
+                    self._local.in_target = True
+                    try:
+                        cbw.target.readinto(s, part)
+                    finally:
+                        self._local.in_target = False
+                else:
+                    cbw.source.readinto(s, part)
+        finally:
+            cbw.unshare(held)
+
+    @staticmethod
+    def _spans(first: int, last: int, held: set[int]) -> Iterator[tuple[int, int, bool]]:
+        """Runs of units [lo, hi] that are all copied or all held (uncopied)."""
+        lo = first
+        for u in range(first + 1, last + 2):
+            if u > last or ((u in held) != (lo in held)):
+                yield lo, u - 1, lo not in held
+                lo = u
+
+    def _block_status(self, offset: int, length: int) -> Extent:
+        cbw = self.cbw
+        if offset >= cbw.size:
+            return Extent(offset, length, False, True, False, 1)
+        end = min(offset + length, cbw.size)
+        first, last = offset // cbw.unit, (end - 1) // cbw.unit
+        held = cbw.share(first, last)
+        try:
+            copied = first not in held
+            hi = first
+            while hi < last and ((hi + 1) in held) != copied:
+                hi += 1
+            n = min((hi + 1) * cbw.unit, end) - offset
+            if copied:
+                ext = cbw.target.block_status(offset, n)
+            else:
+                ext = cbw.source.block_status(offset, n)
+            return ext._replace(offset=offset, length=min(ext.length, n))
+        finally:
+            cbw.unshare(held)
+
+    def _close(self) -> None:
+        if self._ref is not None:
+            self._ref.release()
+            self._ref = None
+
+
+def _runs(units: list[int]) -> Iterator[tuple[int, int]]:
+    """Contiguous runs [first, last] of a sorted list of units."""
+    if not units:
+        return
+    lo = prev = units[0]
+    for u in units[1:]:
+        if u != prev + 1:
+            yield lo, prev
+            lo = u
+        prev = u
+    yield lo, prev

@@ -1,0 +1,252 @@
+"""What every ``pyfleece img`` command shares: qemu-img's command-line conventions.
+
+GNU-style option parsing with qemu-img's error wording, sizes with suffixes as qemu-img
+reads them (``cvtnum``), sizes as it prints them (``size_to_str``), the ``--output`` switch,
+opening images with its "Could not open 'x': ..." errors, and JSON printed the way QEMU
+prints a QDict (keys in hash-bucket order, four-space indentation), so that our output can
+be compared with qemu-img's text for text.
+
+Errors travel as ``Fail`` (a message and an exit status); ``main`` prints them once.
+"""
+
+from __future__ import annotations
+
+import getopt
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pyfleece.block.image import QCOW2_MAGIC, is_uri, open_image
+from pyfleece.block.node import Node
+from pyfleece.errors import BlockError, ImageError, PyfleeceError
+
+PROG = "pyfleece img"
+TRY_HELP = f"Try '{PROG} --help' for more information"
+INT64_MAX = (1 << 63) - 1
+
+
+class Fail(Exception):
+    """A command failed: ``message`` goes to stderr after the program name.
+
+    Attributes:
+        status: the exit status (1 unless the command documents another).
+        hint: extra lines printed verbatim after the message (QEMU's error hints).
+        usage: follow the message with the "Try ... --help" line, as qemu-img's
+            command-line errors do.
+    """
+
+    def __init__(self, message: str, status: int = 1, *, hint: str = "", usage: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.hint = hint
+        self.usage = usage
+
+
+def report(message: str) -> None:
+    """Prints an error the way qemu-img does: ``<program>: <message>``."""
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+
+
+def print_fail(fail: Fail) -> None:
+    for line in str(fail).split("\n"):
+        report(line)
+    if fail.hint:
+        sys.stderr.write(fail.hint if fail.hint.endswith("\n") else fail.hint + "\n")
+    if fail.usage:
+        sys.stderr.write(TRY_HELP + "\n")
+
+
+def parse_args(
+    argv: Sequence[str], shortopts: str, longopts: Sequence[str]
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """GNU getopt (options and operands may mix), failing with qemu-img's messages.
+
+    Raises:
+        Fail: an unknown option, or an option missing its argument.
+    """
+    try:
+        return getopt.gnu_getopt(list(argv), shortopts, list(longopts))
+    except getopt.GetoptError as err:
+        name = err.opt
+        dashed = f"-{name}" if len(name) == 1 else f"--{name}"
+        if "requires argument" in err.msg:
+            raise Fail(f"missing argument for option '{dashed}'", usage=True) from err
+        raise Fail(f"unrecognized option '{dashed}'", usage=True) from err
+
+
+_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?)([bBkKmMgGtTpPeE]?)$")
+_SCALE = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SCALE |= {"t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
+
+def strtosz(text: str) -> int | None:
+    """qemu's size syntax: a number, an optional fraction, a suffix; None if invalid.
+
+    Returns -1 for values that do not fit in 64 bits (qemu's ERANGE).
+    """
+    match = _SIZE_RE.match(text)
+    if not match:
+        return None
+    number, suffix = match.groups()
+    scale = _SCALE[suffix.lower()]
+    if number.lower().startswith("0x"):
+        if suffix:
+            return None
+        value = int(number, 16)
+    elif "." in number:
+        if not suffix or suffix in "bB":
+            return None
+        whole, _, frac = number.partition(".")
+        value = int(whole) * scale + int(float("0." + (frac or "0")) * scale)
+    else:
+        value = int(number) * scale
+    return value if value < 1 << 64 else -1
+
+
+def cvtnum(name: str, text: str, minimum: int = 0, maximum: int = INT64_MAX) -> int:
+    """Parses a size argument as qemu-img does, with its two-line error.
+
+    Raises:
+        Fail: not a size, or outside [minimum, maximum].
+    """
+    value = strtosz(text)
+    if value is None:
+        raise Fail(
+            f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for\n"
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        )
+    if value < minimum or value > maximum:
+        raise Fail(f"Invalid {name} specified. Must be between {minimum} and {maximum}.")
+    return value
+
+
+def size_to_str(value: int) -> str:
+    """A size the way QEMU prints it: three significant digits and a binary unit."""
+    units = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    scaled = value / (1000.0 / 1024.0)
+    index = 0
+    while scaled >= 1024 and index < len(units) - 1:
+        scaled /= 1024
+        index += 1
+    return f"{value / (1 << (10 * index)):.3g} {units[index]}B"
+
+
+def output_format(value: str | None) -> str:
+    """The ``--output`` argument, validated: "human" (default) or "json".
+
+    Raises:
+        Fail: any other value.
+    """
+    if value is None or value == "human":
+        return "human"
+    if value == "json":
+        return "json"
+    raise Fail("--output must be used with human or json as argument.")
+
+
+# -- JSON as QEMU prints it ----------------------------------------------------------------
+
+
+def _qdict_bucket(key: str) -> int:
+    """QEMU's QDict hash (of the "tdb" family), modulo its 512 buckets."""
+    data = key.encode()
+    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
+    for i, byte in enumerate(data):
+        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+
+def qdict_order(value: Any) -> Any:
+    """Orders dict keys as QEMU iterates a QDict: by bucket, later insertions first."""
+    if isinstance(value, dict):
+        keyed = [(_qdict_bucket(k), -i, k) for i, k in enumerate(value)]
+        return {k: qdict_order(value[k]) for _, _, k in sorted(keyed)}
+    if isinstance(value, list):
+        return [qdict_order(item) for item in value]
+    return value
+
+
+def qjson(value: Any) -> str:
+    """Pretty JSON as qemu-img prints it (no trailing newline)."""
+    return json.dumps(qdict_order(value), indent=4)
+
+
+# -- opening images ------------------------------------------------------------------------
+
+
+def probe(filename: str) -> str | None:
+    """The format qemu-img would detect: qcow2 needs its magic, a version of at least 2
+    and a whole header; anything else is raw. None for names that are not files."""
+    if filename.startswith("json:") or is_uri(filename):
+        return None
+    with open(filename, "rb") as f:
+        head = f.read(2048)
+    if len(head) >= 112 and head[:4] == QCOW2_MAGIC and int.from_bytes(head[4:8], "big") >= 2:
+        return "qcow2"
+    return "raw"
+
+
+def open_node(
+    filename: str, fmt: str | None, *, read_only: bool = True, no_backing: bool = False
+) -> Node:
+    """Opens an image; errors keep the driver's own wording (see ``open_for``).
+
+    Raises:
+        PyfleeceError, OSError: the image cannot be opened.
+    """
+    if fmt is None:
+        try:
+            fmt = probe(filename)
+        except OSError as err:
+            raise ImageError(f"Could not open '{filename}': {os.strerror(err.errno or 5)}") from err
+    extra: dict[str, Any] | None = None
+    if no_backing and fmt == "qcow2":
+        extra = {"backing": None}
+    return open_image(filename, fmt, read_only=read_only, extra=extra)
+
+
+def open_for(
+    filename: str,
+    fmt: str | None,
+    *,
+    read_only: bool = True,
+    no_backing: bool = False,
+    status: int = 1,
+) -> Node:
+    """Opens an image as a qemu-img command does.
+
+    Raises:
+        Fail: "Could not open 'x': <reason>", with ``status``.
+    """
+    try:
+        return open_node(filename, fmt, read_only=read_only, no_backing=no_backing)
+    except (PyfleeceError, OSError) as err:
+        raise Fail(f"Could not open '{filename}': {describe(err)}", status) from err
+
+
+def describe(err: BaseException) -> str:
+    """The text of an error, without Python's decorations."""
+    if isinstance(err, BlockError | PyfleeceError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno is not None:
+        return os.strerror(err.errno)
+    return str(err)
+
+
+def allocated_size(node: Node) -> int | None:
+    """Bytes the image's storage occupies on the host: the sum over its data files."""
+    fd = getattr(node, "fd", None)
+    if isinstance(fd, int):
+        return os.fstat(fd).st_blocks * 512
+    total = None
+    for role in ("file", "data-file"):
+        child = node.child(role)
+        if child is not None:
+            size = allocated_size(child)
+            if size is not None:
+                total = (total or 0) + size
+    return total

@@ -1,0 +1,63 @@
+"""Helpers the job and copy-before-write tests share: an event recorder, and one polling
+helper with a deadline (the only way these tests wait for a state another thread reaches)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pyfleece.events import Event, EventBus
+
+
+class Recorder:
+    """Subscribes to a bus and keeps every event, in order."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.events: list[Event] = []
+        self._cond = threading.Condition()
+        bus.subscribe(self._add)
+
+    def _add(self, event: Event) -> None:
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def wait_for(self, name: str, timeout: float = 10.0, **data: Any) -> Event:
+        """Waits for an event with this name (and these data members) and returns it."""
+
+        def found() -> Event | None:
+            for event in self.events:
+                if event.name == name and all(event.data.get(k) == v for k, v in data.items()):
+                    return event
+            return None
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no {name} {data} event; got {self.summary()}")
+            event = found()
+            assert event is not None
+            return event
+
+    def summary(self) -> list[str]:
+        """Events as short strings: a JOB_STATUS_CHANGE is its status, others their name."""
+        with self._cond:
+            return [
+                e.data["status"] if e.name == "JOB_STATUS_CHANGE" else e.name for e in self.events
+            ]
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [e.data for e in self.events if e.name == name]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Polls ``condition`` until it holds; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(delay)  # polling interval, not synchronisation: the condition decides
+        delay = min(delay * 2, 0.02)
