@@ -147,7 +147,7 @@ class Transmission:
         self.contexts = contexts
         self.stopping = False
         self.replies = Replies(transport, node, structured=structured, path=path, log=log)
-        self._submit = submit
+        self._handoff = submit
         self._path = path
         self._log = log
         self._rx = RecvBuffer(transport, self.replies.flush)
@@ -207,6 +207,12 @@ class Transmission:
         return False
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _submit(self, fn: Callable[..., None], *args: object) -> None:
+        """Hands a request to the workers; the batch leaves first, so replies stay roughly
+        in request order (the spec allows any order)."""
+        self.replies.flush()
+        self._handoff(fn, *args)
 
     def _done(self, cookie: int, fn: Callable[[], object]) -> None:
         """Runs a node operation and replies with its outcome (any thread)."""
