@@ -113,7 +113,7 @@ def test_hard_removal_finishes_requests_in_flight_then_disconnects(
     queued = client.request(Cmd.READ, 0, 512)  # received behind the held write
     remover = threading.Thread(target=srv.remove_export, args=("disk", "hard"))
     remover.start()
-    wait_for(lambda: srv.find_export("disk") is None, "the export to start closing")
+    wait_for(lambda: all(s.stopping for s in srv.sessions()), "the clients to be stopping")
     hold.set()
     replies = client.replies(2)
     assert replies[write].error == 0

@@ -233,6 +233,11 @@ class Session:
                 self._transmission.stopping = True
         self.transport.shutdown(socket.SHUT_RD)
 
+    @property
+    def stopping(self) -> bool:
+        """True once ``begin_disconnect`` was called."""
+        return self._stopping
+
     def force_disconnect(self) -> None:
         """Breaks the connection both ways (a client that does not read its replies)."""
         self.transport.shutdown(socket.SHUT_RDWR)
