@@ -221,17 +221,23 @@ def test_qemu_nbd_list(served: Served) -> None:
 # -- nbdcopy and fio ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def scratch() -> Iterator[Served]:
+@pytest.fixture(params=["unix", "tcp"])
+def scratch(request: pytest.FixtureRequest) -> Iterator[Served]:
     """A fresh writable export for tests that rewrite the whole image."""
     with short_tempdir() as tmp:
         image = tmp / "disk.raw"
         image.write_bytes(b"")
         os.truncate(image, SIZE)
-        sock = str(tmp / "s")
-        with nbd_tool(["-f", "raw", "-x", "disk", "-t", "-e", "8", "-k", sock, str(image)],
-                      tmp / "pid"):  # fmt: skip
-            yield Served(image, "unix", sock)
+        if request.param == "unix":
+            address = str(tmp / "s")
+            listen = ["-k", address]
+        else:
+            port = free_port()
+            address = f"127.0.0.1:{port}"
+            listen = ["-b", "127.0.0.1", "-p", str(port)]
+        args = ["-f", "raw", "-x", "disk", "-t", "-e", "8", *listen, str(image)]
+        with nbd_tool(args, tmp / "pid"):
+            yield Served(image, request.param, address)
 
 
 def test_nbdcopy_multi_conn_both_ways(scratch: Served, tmp_path: Path) -> None:

@@ -219,6 +219,16 @@ def test_stop_closes_everything_and_joins_its_threads(
     srv.stop()  # idempotent
 
 
+def test_tcp_clients_get_nodelay(server: tuple[NbdServer, str]) -> None:
+    srv, _ = server
+    (address,) = srv.listen_tcp("127.0.0.1", 0)
+    srv.add_export(MemoryNode("n", 4096), "disk")
+    client = RawClient.connect(address)
+    client.handshake("disk")
+    (session,) = srv.sessions()
+    assert session.transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 def test_remove_mode_is_checked(server: tuple[NbdServer, str]) -> None:
     srv, _ = server
     srv.add_export(MemoryNode("n", 4096), "disk")
