@@ -375,7 +375,10 @@ class Transmission:
             if mapping is None:
                 self.node.readinto(offset, memoryview(bytearray(end - offset)))
                 return
-            os.posix_fadvise(mapping.fd, mapping.offset, mapping.length, os.POSIX_FADV_WILLNEED)
+            try:
+                os.posix_fadvise(mapping.fd, mapping.offset, mapping.length, os.POSIX_FADV_WILLNEED)
+            except OSError as err:
+                raise BlockError.from_os(err, "cache") from err
             offset += mapping.length
 
     def _write_zeroes(self, flags: int, cookie: int, offset: int, length: int) -> None:
