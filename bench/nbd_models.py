@@ -16,7 +16,8 @@ and, for the inline model, how read payloads are sent:
   sendfile   sendmsg(header, MSG_MORE), os.sendfile, then the final NONE chunk
 
 Usage: nbd_models.py MODEL[:READPATH] FILE SOCKET   (serves until killed)
-The driver that runs fio/nbdcopy against each model is ``--measure FILE``.
+       nbd_models.py --measure FILE                  (runs fio/nbdcopy against each model)
+       nbd_models.py                                 (the same on a fresh 1 GiB file)
 """
 
 from __future__ import annotations
@@ -382,8 +383,23 @@ def measure(filename: str) -> None:
         shutil.rmtree(tmp)
 
 
+def measure_fresh() -> None:
+    """Measures every model on a fresh 1 GiB file of random bytes (``make bench``)."""
+    tmp = tempfile.mkdtemp()
+    try:
+        image = os.path.join(tmp, "disk.raw")
+        with open(image, "wb") as f, open("/dev/urandom", "rb") as rnd:
+            for _ in range(128):
+                f.write(rnd.read(8 << 20))
+        measure(image)
+    finally:
+        shutil.rmtree(tmp)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--measure":
+    if len(sys.argv) == 1:
+        measure_fresh()
+    elif sys.argv[1] == "--measure":
         measure(sys.argv[2])
     else:
         serve(sys.argv[1], sys.argv[2], sys.argv[3])
