@@ -19,7 +19,7 @@ import pytest
 from pyfleece.block.fault import FaultNode, Rule
 from pyfleece.block.image import open_image
 from pyfleece.block.memory import MemoryNode
-from pyfleece.block.node import Node
+from pyfleece.block.node import HostMapping, Node
 from pyfleece.nbd import proto
 from pyfleece.nbd.proto import Cmd, CmdFlag, Err, ReplyType
 from pyfleece.nbd.server import NbdServer
@@ -385,3 +385,51 @@ def test_client_vanishing_mid_request_is_cleaned_up_quietly(
     wait_for(lambda: not srv.sessions(), "the sessions to end")
     assert connect(fault_server).call(Cmd.READ, 0, 8).data(0, 8) == pattern(0, 8)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+class BrokenMapNode(MemoryNode):
+    """Maps its data to a host fd that sendfile cannot read: a disk error mid-reply."""
+
+    def __init__(self, size: int, fd: int) -> None:
+        super().__init__("broken", size)
+        self._fd = fd
+
+    def _host_map(self, offset: int, length: int) -> HostMapping | None:
+        return HostMapping(self._fd, offset, length)
+
+
+@pytest.fixture
+def broken_server() -> Iterator[tuple[NbdServer, str]]:
+    fd = os.open("/", os.O_RDONLY)  # sendfile from a directory fails with EINVAL
+    node = BrokenMapNode(SIZE, fd)
+    try:
+        with served(node) as srv:
+            yield srv
+    finally:
+        os.close(fd)
+
+
+def test_disk_error_during_sendfile_completes_the_chunk_then_reports(
+    broken_server: tuple[NbdServer, str],
+) -> None:
+    c = connect(broken_server)
+    reply = c.call(Cmd.READ, 65536, 131072, flags=CmdFlag.DF)
+    data, error = reply.chunks[0], reply.chunks[-1]
+    assert data.kind == ReplyType.OFFSET_DATA and not data.done
+    assert len(data.payload) == 8 + 131072  # padded to its announced length
+    assert error.kind == ReplyType.ERROR_OFFSET and error.done
+    err, msg_len = struct.unpack_from(">IH", error.payload)
+    assert err == Err.EINVAL
+    assert struct.unpack_from(">Q", error.payload, 6 + msg_len)[0] == 65536
+    assert c.call(Cmd.READ, 0, 8).error == Err.EIO  # preadv: EISDIR, mapped to EIO
+    assert c.call(Cmd.FLUSH).error == 0  # and the connection goes on
+
+
+def test_disk_error_during_sendfile_with_simple_replies_disconnects(
+    broken_server: tuple[NbdServer, str],
+) -> None:
+    c = connect(broken_server, structured=False)
+    c.request(Cmd.READ, 0, 131072)
+    header = c.recv_exact(16)
+    assert struct.unpack(">IIQ", header)[1] == 0  # the header already promised data
+    assert c.closed_by_server()
