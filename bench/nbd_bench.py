@@ -9,7 +9,8 @@ Besides each figure, the server's own CPU time per request (user + system, from 
 printed: unlike throughput it barely depends on what else runs on the machine.
 
 Repetitions are interleaved (every server once, then again) so that a burst of load from
-elsewhere on the machine hits them alike; each figure is the best of its repetitions.
+elsewhere on the machine hits them alike. Figures are reported twice, as the median and as the
+best of the repetitions: the median resists a burst that favours one server in one run.
 Ratios are pyfleece's figure over the peer's: >= 1.0 is the goal (docs/nbd.md).
 
 Usage: bench/nbd_bench.py [--size 1G] [--repeat 3] [--runtime 5] [--file PATH]
@@ -143,23 +144,33 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def report(best: dict[str, dict[str, float]], cpu: dict[str, dict[str, float]],
-           loads: list[float]) -> None:  # fmt: skip
-    servers = list(best)
-    print(f"\nload average during the run: {min(loads):.2f} .. {max(loads):.2f} (2 cores)")
-    print(f"{'figure':10}" + "".join(f"{s:>14}" for s in servers) + "".join(
+def table(title: str, figures: dict[str, dict[str, float]]) -> None:
+    servers = list(figures)
+    print(f"{title:10}" + "".join(f"{s:>14}" for s in servers) + "".join(
         f"{'vs ' + s:>14}" for s in servers if s != "pyfleece"))  # fmt: skip
     for fig in FIGURES:
-        row = f"{fig:10}" + "".join(f"{best[s][fig]:>14.2f}" for s in servers)
-        if "pyfleece" in best:
+        row = f"{fig:10}" + "".join(f"{figures[s][fig]:>14.2f}" for s in servers)
+        if "pyfleece" in figures:
             for peer in servers:
                 if peer != "pyfleece":
-                    row += f"{best['pyfleece'][fig] / best[peer][fig]:>13.2f}x"
+                    row += f"{figures['pyfleece'][fig] / figures[peer][fig]:>13.2f}x"
         print(f"{row}   ({UNITS[fig]})")
+
+
+def report(runs: dict[str, dict[str, list[float]]], loads: list[float]) -> dict[str, object]:
+    """Prints the median and best tables and the CPU per request; returns them."""
+    servers = list(runs)
+    median = {s: {f: statistics.median(runs[s][f]) for f in FIGURES} for s in servers}
+    best = {s: {f: max(runs[s][f]) for f in FIGURES} for s in servers}
+    cpu = {s: {f: statistics.median(runs[s][f"{f}_cpu"]) for f in FIGURES} for s in servers}
+    print(f"\nload average during the run: {min(loads):.2f} .. {max(loads):.2f} (2 cores)")
+    table("median", median)
+    table("best", best)
     print("server CPU per request (median):")
     for fig in FIGURES:
         row = f"{fig:10}" + "".join(f"{cpu[s][fig]:>14.2f}" for s in servers)
         print(f"{row}   ({CPU_UNIT[fig]})")
+    return {"median": median, "best": best, "cpu": cpu, "load": loads}
 
 
 def main() -> int:
@@ -181,8 +192,7 @@ def main() -> int:
         if not args.file:
             make_image(image, parse_size(args.size))
         size = os.path.getsize(image)
-        best: dict[str, dict[str, float]] = {s: dict.fromkeys(FIGURES, 0.0) for s in servers}
-        cpus: dict[str, dict[str, list[float]]] = {s: {f: [] for f in FIGURES} for s in servers}
+        runs: dict[str, dict[str, list[float]]] = {s: {} for s in servers}
         loads = [os.getloadavg()[0]]
         for rep in range(args.repeat):
             for name in servers:
@@ -193,14 +203,12 @@ def main() -> int:
                 print(f"run {rep + 1} {name:9} " + "  ".join(
                     f"{fig} {got[fig]:.2f} {UNITS[fig]}" for fig in FIGURES
                 ) + f"  (load {loads[-1]:.2f})", flush=True)  # fmt: skip
-                for fig in FIGURES:
-                    best[name][fig] = max(best[name][fig], got[fig])
-                    cpus[name][fig].append(got[f"{fig}_cpu"])
-        cpu = {s: {f: statistics.median(v) for f, v in cpus[s].items()} for s in servers}
-        report(best, cpu, loads)
+                for key, value in got.items():
+                    runs[name].setdefault(key, []).append(value)
+        summary = report(runs, loads)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"best": best, "cpu": cpu, "load": loads}, f, indent=1)
+                json.dump(summary, f, indent=1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
