@@ -5,8 +5,12 @@ Three figures per server, over a Unix socket:
   randread  fio's nbd engine, 4 KiB random reads, QD32, one connection (IOPS)
   write     fio's nbd engine, 1 MiB sequential writes, QD8, one connection (MiB/s)
 
+Besides each figure, the server's own CPU time per request (user + system, from /proc) is
+printed: unlike throughput it barely depends on what else runs on the machine.
+
 Repetitions are interleaved (every server once, then again) so that a burst of load from
-elsewhere on the machine hits them alike; each figure is the best of its repetitions.
+elsewhere on the machine hits them alike. Figures are reported twice, as the median and as the
+best of the repetitions: the median resists a burst that favours one server in one run.
 Ratios are pyfleece's figure over the peer's: >= 1.0 is the goal (docs/nbd.md).
 
 Usage: bench/nbd_bench.py [--size 1G] [--repeat 3] [--runtime 5] [--file PATH]
@@ -20,6 +24,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
 FIGURES = ("copy", "randread", "write")
 UNITS = {"copy": "GiB/s", "randread": "IOPS", "write": "MiB/s"}
+#: Requests per figure, to turn CPU seconds into CPU per request (nbdcopy: 256 KiB reads).
+CPU_UNIT = {"copy": "us/256K", "randread": "us/4K", "write": "us/1M"}
 
 
 def server_command(name: str, image: str, sock: str, pidfile: str) -> list[str]:
@@ -44,9 +51,16 @@ def server_command(name: str, image: str, sock: str, pidfile: str) -> list[str]:
     raise SystemExit(f"unknown server {name!r}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def running(name: str, image: str, workdir: str) -> Iterator[str]:
-    """Starts a server, waits for its pid file, yields its NBD URI, then stops it."""
+def running(name: str, image: str, workdir: str) -> Iterator[tuple[str, int]]:
+    """Starts a server, waits for its pid file, yields its NBD URI and pid, then stops it."""
     sock = os.path.join(workdir, f"{name}.sock")
     pidfile = os.path.join(workdir, f"{name}.pid")
     for path in (sock, pidfile):
@@ -62,7 +76,7 @@ def running(name: str, image: str, workdir: str) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise SystemExit(f"{name} did not become ready")
             time.sleep(0.02)  # polling for readiness of a foreign process
-        yield f"nbd+unix:///?socket={sock}"
+        yield f"nbd+unix:///?socket={sock}", proc.pid
     finally:
         proc.terminate()
         try:
@@ -73,13 +87,18 @@ def running(name: str, image: str, workdir: str) -> Iterator[str]:
 
 
 def fio(uri: str, rw: str, bs: str, depth: int, runtime: int) -> dict[str, float]:
+    """Runs fio's nbd engine; returns IOPS, MiB/s and the number of requests."""
     cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
            f"--bs={bs}", f"--iodepth={depth}", "--numjobs=1", "--time_based",
            f"--runtime={runtime}", "--output-format=json"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     job = json.loads(out[out.index("{") :])["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
-    return {"iops": float(side["iops"]), "mibps": float(side["bw_bytes"]) / (1 << 20)}
+    return {
+        "iops": float(side["iops"]),
+        "mibps": float(side["bw_bytes"]) / (1 << 20),
+        "ios": float(side["total_ios"]),
+    }
 
 
 def nbdcopy(uri: str, size: int) -> float:
@@ -88,12 +107,19 @@ def nbdcopy(uri: str, size: int) -> float:
     return size / (time.perf_counter() - start) / (1 << 30)
 
 
-def measure(uri: str, size: int, runtime: int) -> dict[str, float]:
-    return {
-        "copy": nbdcopy(uri, size),
-        "randread": fio(uri, "randread", "4k", 32, runtime)["iops"],
-        "write": fio(uri, "write", "1m", 8, runtime)["mibps"],
-    }
+def measure(uri: str, pid: int, size: int, runtime: int) -> dict[str, float]:
+    """The three figures, and the server's CPU microseconds per request for each."""
+    out: dict[str, float] = {}
+    start = cpu_seconds(pid)
+    out["copy"] = nbdcopy(uri, size)
+    out["copy_cpu"] = (cpu_seconds(pid) - start) * 1e6 / (size / (256 << 10))
+    start = cpu_seconds(pid)
+    rr = fio(uri, "randread", "4k", 32, runtime)
+    out["randread"], out["randread_cpu"] = rr["iops"], (cpu_seconds(pid) - start) * 1e6 / rr["ios"]
+    start = cpu_seconds(pid)
+    wr = fio(uri, "write", "1m", 8, runtime)
+    out["write"], out["write_cpu"] = wr["mibps"], (cpu_seconds(pid) - start) * 1e6 / wr["ios"]
+    return out
 
 
 def make_image(path: str, size: int) -> None:
@@ -118,18 +144,33 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def report(best: dict[str, dict[str, float]], loads: list[float]) -> None:
-    servers = list(best)
-    print(f"\nload average during the run: {min(loads):.2f} .. {max(loads):.2f} (2 cores)")
-    print(f"{'figure':10}" + "".join(f"{s:>14}" for s in servers) + "".join(
+def table(title: str, figures: dict[str, dict[str, float]]) -> None:
+    servers = list(figures)
+    print(f"{title:10}" + "".join(f"{s:>14}" for s in servers) + "".join(
         f"{'vs ' + s:>14}" for s in servers if s != "pyfleece"))  # fmt: skip
     for fig in FIGURES:
-        row = f"{fig:10}" + "".join(f"{best[s][fig]:>14.2f}" for s in servers)
-        if "pyfleece" in best:
+        row = f"{fig:10}" + "".join(f"{figures[s][fig]:>14.2f}" for s in servers)
+        if "pyfleece" in figures:
             for peer in servers:
                 if peer != "pyfleece":
-                    row += f"{best['pyfleece'][fig] / best[peer][fig]:>13.2f}x"
+                    row += f"{figures['pyfleece'][fig] / figures[peer][fig]:>13.2f}x"
         print(f"{row}   ({UNITS[fig]})")
+
+
+def report(runs: dict[str, dict[str, list[float]]], loads: list[float]) -> dict[str, object]:
+    """Prints the median and best tables and the CPU per request; returns them."""
+    servers = list(runs)
+    median = {s: {f: statistics.median(runs[s][f]) for f in FIGURES} for s in servers}
+    best = {s: {f: max(runs[s][f]) for f in FIGURES} for s in servers}
+    cpu = {s: {f: statistics.median(runs[s][f"{f}_cpu"]) for f in FIGURES} for s in servers}
+    print(f"\nload average during the run: {min(loads):.2f} .. {max(loads):.2f} (2 cores)")
+    table("median", median)
+    table("best", best)
+    print("server CPU per request (median):")
+    for fig in FIGURES:
+        row = f"{fig:10}" + "".join(f"{cpu[s][fig]:>14.2f}" for s in servers)
+        print(f"{row}   ({CPU_UNIT[fig]})")
+    return {"median": median, "best": best, "cpu": cpu, "load": loads}
 
 
 def main() -> int:
@@ -151,23 +192,23 @@ def main() -> int:
         if not args.file:
             make_image(image, parse_size(args.size))
         size = os.path.getsize(image)
-        best: dict[str, dict[str, float]] = {s: dict.fromkeys(FIGURES, 0.0) for s in servers}
+        runs: dict[str, dict[str, list[float]]] = {s: {} for s in servers}
         loads = [os.getloadavg()[0]]
         for rep in range(args.repeat):
             for name in servers:
                 warm(image)
-                with running(name, image, workdir) as uri:
-                    got = measure(uri, size, args.runtime)
+                with running(name, image, workdir) as (uri, pid):
+                    got = measure(uri, pid, size, args.runtime)
                 loads.append(os.getloadavg()[0])
                 print(f"run {rep + 1} {name:9} " + "  ".join(
                     f"{fig} {got[fig]:.2f} {UNITS[fig]}" for fig in FIGURES
                 ) + f"  (load {loads[-1]:.2f})", flush=True)  # fmt: skip
-                for fig in FIGURES:
-                    best[name][fig] = max(best[name][fig], got[fig])
-        report(best, loads)
+                for key, value in got.items():
+                    runs[name].setdefault(key, []).append(value)
+        summary = report(runs, loads)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"best": best, "load": loads}, f, indent=1)
+                json.dump(summary, f, indent=1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -16,7 +16,8 @@ and, for the inline model, how read payloads are sent:
   sendfile   sendmsg(header, MSG_MORE), os.sendfile, then the final NONE chunk
 
 Usage: nbd_models.py MODEL[:READPATH] FILE SOCKET   (serves until killed)
-The driver that runs fio/nbdcopy against each model is ``--measure FILE``.
+       nbd_models.py --measure FILE                  (runs fio/nbdcopy against each model)
+       nbd_models.py                                 (the same on a fresh 1 GiB file)
 """
 
 from __future__ import annotations
@@ -325,27 +326,22 @@ def serve(spec: str, filename: str, path: str) -> None:
 # -- the measuring driver ------------------------------------------------------------------
 
 
-def fio(uri: str, rw: str, bs: str, depth: int, runtime: int = 5) -> float:
-    out = subprocess.run(
-        [
-            "fio",
-            "--name=m",
-            "--ioengine=nbd",
-            f"--uri={uri}",
-            f"--rw={rw}",
-            f"--bs={bs}",
-            f"--iodepth={depth}",
-            "--time_based",
-            f"--runtime={runtime}",
-            "--output-format=json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fio(uri: str, rw: str, bs: str, depth: int, runtime: int = 5) -> tuple[float, float]:
+    """(IOPS or MiB/s, number of requests)."""
+    cmd = ["fio", "--name=m", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+           f"--iodepth={depth}", "--time_based", f"--runtime={runtime}",
+           "--output-format=json"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     job = json.loads(out[out.index("{") :])["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
-    return float(side["iops"] if bs == "4k" else side["bw_bytes"] / (1 << 20))
+    rate = side["iops"] if bs == "4k" else side["bw_bytes"] / (1 << 20)
+    return float(rate), float(side["total_ios"])
 
 
 def nbdcopy(uri: str) -> float:
@@ -355,6 +351,7 @@ def nbdcopy(uri: str) -> float:
 
 
 def measure(filename: str) -> None:
+    """Each model: best of runs, and its CPU microseconds per request (load-independent)."""
     specs = ["inline:pread", "inline:sendfile", "hybrid:pread", "workers:pread", "asyncio"]
     tmp = tempfile.mkdtemp()
     try:
@@ -367,13 +364,16 @@ def measure(filename: str) -> None:
                         raise RuntimeError(f"{spec} died")
                     time.sleep(0.05)
                 uri = f"nbd+unix:///?socket={path}"
-                rr = max(fio(uri, "randread", "4k", 32) for _ in range(2))
+                start = cpu_seconds(proc.pid)
+                runs = [fio(uri, "randread", "4k", 32) for _ in range(2)]
+                rr_cpu = (cpu_seconds(proc.pid) - start) * 1e6 / sum(n for _, n in runs)
+                rr = max(r for r, _ in runs)
                 cp = max(nbdcopy(uri) for _ in range(3))
-                wr = max(fio(uri, "write", "1m", 8) for _ in range(2))
+                wr = max(fio(uri, "write", "1m", 8)[0] for _ in range(2))
                 load = os.getloadavg()[0]
                 print(
-                    f"{spec:16} randread4k {rr:9.0f} IOPS  nbdcopy {cp:5.2f} GiB/s  "
-                    f"write1M {wr:7.0f} MiB/s  (load {load:.2f})",
+                    f"{spec:16} randread4k {rr:9.0f} IOPS ({rr_cpu:5.2f} us CPU each)  "
+                    f"nbdcopy {cp:5.2f} GiB/s  write1M {wr:7.0f} MiB/s  (load {load:.2f})",
                     flush=True,
                 )
             finally:
@@ -383,8 +383,23 @@ def measure(filename: str) -> None:
         shutil.rmtree(tmp)
 
 
+def measure_fresh() -> None:
+    """Measures every model on a fresh 1 GiB file of random bytes (``make bench``)."""
+    tmp = tempfile.mkdtemp()
+    try:
+        image = os.path.join(tmp, "disk.raw")
+        with open(image, "wb") as f, open("/dev/urandom", "rb") as rnd:
+            for _ in range(128):
+                f.write(rnd.read(8 << 20))
+        measure(image)
+    finally:
+        shutil.rmtree(tmp)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--measure":
+    if len(sys.argv) == 1:
+        measure_fresh()
+    elif sys.argv[1] == "--measure":
         measure(sys.argv[2])
     else:
         serve(sys.argv[1], sys.argv[2], sys.argv[3])

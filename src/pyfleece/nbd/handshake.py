@@ -117,18 +117,21 @@ class Handshake:
         self._no_zeroes = bool(client & proto.ClientFlag.C_NO_ZEROES)
         if self._tls is not None and not self._fixed:
             raise ProtocolError("TLS requires the fixed newstyle handshake")
+        count = 0
         try:
-            for _ in range(self._limits.max_options):
-                result = self._one_option()
+            while True:
+                count += 1
+                result = self._one_option(count)
                 if result is not None:
                     self.transport.set_deadline(None)
                     return result
         except _Abort:
             return None
-        raise ProtocolError(f"more than {self._limits.max_options} options")
 
-    def _one_option(self) -> Negotiated | None:
+    def _one_option(self, count: int) -> Negotiated | None:
         magic, opt, length = proto.OPTION_HEADER.unpack(self._recv(16))
+        if count > self._limits.max_options:
+            raise ProtocolError(f"more than {self._limits.max_options} options")
         if magic != proto.IHAVEOPT:
             raise ProtocolError(f"bad option magic {magic:#018x}")
         if length > self._limits.max_drain:

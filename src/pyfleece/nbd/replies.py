@@ -66,7 +66,7 @@ class DataPath:
     keep_buffer: int = 4 << 20
     #: Most replies one batch holds, and the size of the arena for their payloads.
     batch_replies: int = 32
-    arena: int = 1 << 20
+    arena: int = 256 << 10
 
 
 class Replies:
@@ -87,6 +87,7 @@ class Replies:
         self.structured = structured
         self._log = log
         self._sendfile_min = path.sendfile_min if transport.zero_copy else 1 << 62
+        self._sparse_min = path.sparse_min if structured else 1 << 62
         self._batch: list[Buffer] = []
         self._batch_max = 2 * path.batch_replies
         self._arena = memoryview(bytearray(path.arena))
@@ -192,7 +193,7 @@ class Replies:
         try:
             if (
                 fragment
-                and self.structured
+                and length >= self._sparse_min
                 and not self._data_start <= offset < offset + length <= self._data_end
             ):
                 self._read_sparse(cookie, offset, length, alloc, mapping)

@@ -147,10 +147,12 @@ class Transmission:
         self.contexts = contexts
         self.stopping = False
         self.replies = Replies(transport, node, structured=structured, path=path, log=log)
-        self._submit = submit
+        self._handoff = submit
         self._path = path
         self._log = log
         self._rx = RecvBuffer(transport, self.replies.flush)
+        self._host_map = node.host_map
+        self._queue_read = self.replies.queue_small_read
         self._buf = bytearray(64 << 10)
         self._bufview = memoryview(self._buf)
         fast = path.sendfile_min if transport.zero_copy else 1 << 62
@@ -208,6 +210,12 @@ class Transmission:
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def _submit(self, fn: Callable[..., None], *args: object) -> None:
+        """Hands a request to the workers; the batch leaves first, so replies stay roughly
+        in request order (the spec allows any order)."""
+        self.replies.flush()
+        self._handoff(fn, *args)
+
     def _done(self, cookie: int, fn: Callable[[], object]) -> None:
         """Runs a node operation and replies with its outcome (any thread)."""
         try:
@@ -259,22 +267,17 @@ class Transmission:
     # -- READ --------------------------------------------------------------------------------
 
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
-        if flags & ~self._read_flags:
-            self._refused(cookie, flags, self._read_flags, "READ")
+        if (
+            flags & ~self._read_flags
+            or not 0 < length <= _MAX_REQUEST
+            or (offset + length > self.size)
+        ):
+            self._read_refused(flags, cookie, offset, length)
             return
-        if length > _MAX_REQUEST:
-            self.replies.fail(cookie, Err.EINVAL, f"read of {length} bytes exceeds {_MAX_REQUEST}")
-            return
-        if offset + length > self.size:
-            self._out_of_range(cookie, offset, length, Err.EINVAL)
-            return
-        if length == 0:
-            self.replies.empty_read(cookie)
-            return
-        mapping = self.node.host_map(offset, length)
+        mapping = self._host_map(offset, length)
         if length < self._fast_max and mapping is not None and mapping.length == length:
             try:
-                self.replies.queue_small_read(cookie, offset, length, mapping.fd, mapping.offset)
+                self._queue_read(cookie, offset, length, mapping.fd, mapping.offset)
             except BlockError as err:
                 self.replies.fail_block(cookie, err)
             return
@@ -284,6 +287,15 @@ class Transmission:
             return
         self.replies.flush()  # keep the batch ahead of this reply's own writes
         self.replies.read(cookie, offset, length, self._buffer, fragment=fragment, mapping=mapping)
+
+    def _read_refused(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        """The reads that are not served: bad flags, too long, out of range, or empty."""
+        if flags & ~self._read_flags:
+            self._refused(cookie, flags, self._read_flags, "READ")
+        elif length > _MAX_REQUEST:
+            self.replies.fail(cookie, Err.EINVAL, f"read of {length} bytes exceeds {_MAX_REQUEST}")
+        elif not self._out_of_range(cookie, offset, length, Err.EINVAL):
+            self.replies.empty_read(cookie)
 
     def _read_worker(self, cookie: int, offset: int, length: int, fragment: bool) -> None:
         self.replies.read(cookie, offset, length, _fresh_buffer, fragment=fragment, mapping=None)
@@ -369,7 +381,10 @@ class Transmission:
             if mapping is None:
                 self.node.readinto(offset, memoryview(bytearray(end - offset)))
                 return
-            os.posix_fadvise(mapping.fd, mapping.offset, mapping.length, os.POSIX_FADV_WILLNEED)
+            try:
+                os.posix_fadvise(mapping.fd, mapping.offset, mapping.length, os.POSIX_FADV_WILLNEED)
+            except OSError as err:
+                raise BlockError.from_os(err, "cache") from err
             offset += mapping.length
 
     def _write_zeroes(self, flags: int, cookie: int, offset: int, length: int) -> None:

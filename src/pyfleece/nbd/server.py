@@ -94,6 +94,10 @@ class NbdServer:
         self._lock = threading.Lock()
         self._exports: dict[str, Export] = {}  # by id
         self._sessions: dict[Session, threading.Thread] = {}
+        # Every session thread not yet joined: a thread leaves ``_sessions`` a moment before
+        # it ends (it still wakes the acceptor and calls ``on_disconnect``), and ``stop``
+        # must outlive that moment.
+        self._threads: set[threading.Thread] = set()
         self._listeners: list[socket.socket] = []
         self._unlink: list[str] = []
         self._ids = itertools.count(1)
@@ -200,6 +204,8 @@ class NbdServer:
                 sock.close()
                 return
             self._sessions[session] = thread
+            self._threads = {t for t in self._threads if t.is_alive()}
+            self._threads.add(thread)
             self.connections_total += 1
         thread.start()
 
@@ -331,12 +337,14 @@ class NbdServer:
         for path in self._unlink:
             _unlink_quietly(path)
         with self._lock:
-            sessions = dict(self._sessions)
+            sessions = list(self._sessions)
             exports = list(self._exports.values())
         for export in exports:
             export.begin_close()
-        self._disconnect(list(sessions))
-        for thread in sessions.values():
+        self._disconnect(sessions)
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join()
         for export in exports:
             self._finish_removal(export, [])

@@ -83,14 +83,15 @@ class Workers:
         self._slots.acquire()
         with self._cond:
             self._inflight += 1
-            if self._idle == 0 and len(self._threads) < self._max:
+            if self._idle:
+                self._idle -= 1  # an idle worker will take it
+            elif len(self._threads) < self._max:
                 thread = threading.Thread(
                     target=self._run, name=f"{self._name}-w{len(self._threads)}", daemon=True
                 )
                 self._threads.append(thread)
                 thread.start()
-            else:
-                self._idle -= 1 if self._idle else 0
+            # otherwise it waits in the queue for the first worker done
         self._queue.put((fn, args))
 
     def _run(self) -> None:
@@ -101,7 +102,7 @@ class Workers:
             fn, args = item
             try:
                 fn(*args)
-            except ConnectionClosed:
+            except (ConnectionClosed, OSError):  # disk errors arrive as BlockError, handled
                 self._on_crash()
             except Exception:
                 log.exception("%s: request failed unexpectedly", self._name)
@@ -232,6 +233,11 @@ class Session:
             if self._transmission is not None:
                 self._transmission.stopping = True
         self.transport.shutdown(socket.SHUT_RD)
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``begin_disconnect`` was called."""
+        return self._stopping
 
     def force_disconnect(self) -> None:
         """Breaks the connection both ways (a client that does not read its replies)."""

@@ -224,8 +224,14 @@ class TlsTransport(PlainTransport):
                 return 0
             except ssl.SSLError as err:
                 raise ProtocolError(f"TLS error: {err}") from err
-            if pending:
-                self._flush_out()
+            if pending and self.wlock.acquire(blocking=False):
+                # TLS output produced by reading (a key update, an alert). If a writer holds
+                # the lock, it sends this too when it drains the engine; waiting for it here
+                # could deadlock with a peer that only reads once its writes get through.
+                try:
+                    self._send_pending()
+                finally:
+                    self.wlock.release()
             if n >= 0:
                 return n
             self._feed()
