@@ -68,8 +68,6 @@ def test_aborted_transaction_starts_no_job(tmp_path: Path) -> None:
         assert mine == theirs
 
 
-@pytest.mark.xfail(strict=True, reason="sockets.py listen_tcp: the resolver error keeps "
-                   "Python's '[Errno -2]' prefix")  # fmt: skip
 def test_unresolvable_host_text(tmp_path: Path) -> None:
     with pair(tmp_path, [], images) as (qsd, ours):
         addr = {"type": "inet", "data": {"host": "nosuchhost.invalid", "port": "10809"}}
