@@ -33,8 +33,6 @@ def test_missing_child_reference_text(tmp_path: Path) -> None:
         same(qsd, ours, "blockdev-add", driver="raw", file="nosuch", **{"node-name": "r"})
 
 
-@pytest.mark.xfail(strict=True, reason="block/file.py: no image locking, so one qcow2 can be "
-                   "opened twice read-write (QEMU: 'Failed to get \"write\" lock')")  # fmt: skip
 def test_same_image_opened_twice_for_writing(tmp_path: Path) -> None:
     with pair(tmp_path, [], images) as (qsd, ours):
         for name in ("a", "b"):

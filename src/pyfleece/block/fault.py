@@ -18,6 +18,7 @@ import errno
 import threading
 from dataclasses import dataclass, field
 
+from pyfleece.block import locking
 from pyfleece.block.node import Extent, Node
 from pyfleece.block.options import Options
 from pyfleece.block.registry import OpenContext, open_child, register
@@ -122,6 +123,13 @@ class FaultNode(Node):
 
     def _truncate(self, size: int) -> None:
         self.image.truncate(size)
+
+    def permissions_changed(self, perm: locking.Perm, shared: locking.Perm) -> None:
+        """Permissions pass through to the image, as the requests do."""
+        locking.forward(self, self.image, "image", perm, shared)
+
+    def _close(self) -> None:
+        locking.release(self.image, f"node '{self.node_name}'", "image")
 
 
 class GrowableFaultNode(FaultNode):
