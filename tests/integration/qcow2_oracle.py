@@ -78,7 +78,7 @@ def check(path: Path, *, shared: bool = False) -> tuple[int, dict[str, Any]]:
             "--output=json",
             *(["-U"] if shared else []),
             str(path),
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=60,

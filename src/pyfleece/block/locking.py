@@ -298,3 +298,28 @@ class ImageLocks:
             i = bit.bit_length() - 1
             if not shared & bit and byte_locked_by_others(self.fd, PERM_BASE + i):
                 raise LockConflict(f'Failed to get shared "{_NAMES[bit]}" lock', self.filename)
+
+
+#: What creating an image takes (QEMU's file-posix create): write and resize, sharing all
+#: but resize, so nobody who holds the image open, or stops others writing it, is truncated.
+CREATE_PERM = Perm.WRITE | Perm.RESIZE
+CREATE_SHARED = ALL & ~Perm.RESIZE
+
+
+def open_for_create(path: str, mode: int = 0o644) -> int:
+    """Opens ``path`` to (re)create an image: created if missing, locked as QEMU's create
+    locks it, and only then truncated to nothing. The caller writes and closes the fd (the
+    locks go with it).
+
+    Raises:
+        LockConflict: another process holds the image (nothing was truncated).
+        OSError: the file cannot be created or opened.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        ImageLocks(fd, path).update(CREATE_PERM, CREATE_SHARED)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
