@@ -10,13 +10,14 @@ an image qsd holds (its output compared with qemu-img's in the same situation).
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from pyfleece.block import locking
 from tests.integration.test_daemon_qmp_vs_qsd import images
-from tests.integration.test_daemon_support import Served, pair, serve
+from tests.integration.test_daemon_support import Served, daemon_argv, daemon_env, pair, serve
 from tests.integration.test_img_helpers import both, qemu
 
 #: Every byte QEMU may lock: 100+i (holding permission i), 200+i (not sharing it).
@@ -149,3 +150,21 @@ def test_pyfleece_img_refuses_what_qsd_holds_as_qemu_img_does(
         theirs, mine = both(*args, cwd=tmp_path)
         assert (theirs.rc != 0 and "lock" in theirs.err) == refused, theirs
         assert mine == theirs
+
+
+def test_a_daemon_refuses_at_start_an_image_the_other_holds(tmp_path: Path) -> None:
+    """qsd and pyfleece each hold top.qcow2; the other one, started on it, fails the same
+    way (message and QEMU's hint), pyfleece's text under its own program name."""
+    option = "driver=qcow2,node-name=q,file.driver=file,file.filename=top.qcow2"
+    with pair(tmp_path, ["--blockdev", option], images) as (qsd, ours):
+        outcomes = []
+        for holder, kind in ((ours, "qsd"), (qsd, "ours")):
+            proc = subprocess.run(
+                [*daemon_argv(kind), "--blockdev", option], cwd=holder.dir,
+                capture_output=True, text=True, timeout=60, env=daemon_env(),
+            )  # fmt: skip
+            program = "qemu-storage-daemon" if kind == "qsd" else "pyfleece daemon"
+            outcomes.append((proc.returncode, proc.stderr.replace(program, "<daemon>")))
+        assert outcomes[0] == outcomes[1] == (1, (
+            f"<daemon>: --blockdev {option}: Failed to get \"write\" lock\n"
+            "Is another process using the image [top.qcow2]?\n"))  # fmt: skip
