@@ -66,7 +66,9 @@ def listen_tcp(host: str, port: int, backlog: int = 128) -> list[socket.socket]:
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror as err:
-        raise ConfigError(f"address resolution failed for {host}:{port}: {err}") from err
+        # QEMU prints gai_strerror() alone, without Python's "[Errno -2]" prefix.
+        reason = err.strerror or str(err)
+        raise ConfigError(f"address resolution failed for {host}:{port}: {reason}") from err
     socks: list[socket.socket] = []
     errors: list[str] = []
     for family, kind, proto, _, addr in infos:

@@ -47,8 +47,10 @@ def create(
     return path
 
 
-def qemu_io(path: Path, *commands: str, fmt: str = "qcow2") -> str:
-    args = ["-f", fmt]
+def qemu_io(path: Path, *commands: str, fmt: str = "qcow2", shared: bool = False) -> str:
+    """qemu-io commands on an image; ``shared`` reads (only) an image another process
+    holds open for writing (``-r -U``: QEMU's locking refuses it otherwise)."""
+    args = ["-f", fmt, *(["-r", "-U"] if shared else [])]
     for command in commands:
         args += ["-c", command]
     out = run("qemu-io", *args, str(path))
@@ -66,10 +68,17 @@ def to_raw(path: Path) -> bytes:
     return data
 
 
-def check(path: Path) -> tuple[int, dict[str, Any]]:
-    """``qemu-img check --output=json``: (exit code, report)."""
+def check(path: Path, *, shared: bool = False) -> tuple[int, dict[str, Any]]:
+    """``qemu-img check --output=json``: (exit code, report); ``shared`` (``-U``) checks an
+    image another process holds open for writing."""
     proc = subprocess.run(
-        [require_tool("qemu-img"), "check", "--output=json", str(path)],
+        [
+            require_tool("qemu-img"),
+            "check",
+            "--output=json",
+            *(["-U"] if shared else []),
+            str(path),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -82,8 +91,8 @@ def check(path: Path) -> tuple[int, dict[str, Any]]:
     return proc.returncode, report
 
 
-def assert_clean(path: Path, *, leaks_allowed: bool = False) -> None:
-    code, report = check(path)
+def assert_clean(path: Path, *, leaks_allowed: bool = False, shared: bool = False) -> None:
+    code, report = check(path, shared=shared)
     allowed = (0, 3) if leaks_allowed else (0,)
     assert code in allowed, f"qemu-img check exit {code}: {report}"
 

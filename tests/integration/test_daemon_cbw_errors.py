@@ -78,8 +78,6 @@ def test_failed_copy_fails_the_guest_write(tmp_path: Path, policy: str) -> None:
             read_only=True)  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="block/fault.py: a fault node is not growable even "
-                   "when its image is, so a qcow2 on it fails allocations with ENOSPC")  # fmt: skip
 def test_fault_node_grows_like_its_image(tmp_path: Path) -> None:
     images(tmp_path, room=False)
     with serve("ours", tmp_path, ARGS) as daemon:

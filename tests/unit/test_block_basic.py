@@ -12,6 +12,7 @@ from pyfleece.block.fault import FaultNode, Rule
 from pyfleece.block.graph import Graph
 from pyfleece.block.image import open_image
 from pyfleece.block.memory import MemoryNode
+from pyfleece.block.qcow2.create import CreateOptions, create_image
 from pyfleece.block.registry import open_node
 from pyfleece.block.tracking import ReqKind
 from pyfleece.errors import BlockError, ConfigError, NodeBusy, NodeNotFound
@@ -134,6 +135,39 @@ def test_fault_range_and_options() -> None:
             node.read(65536 + 10, 10)
     with pytest.raises(ConfigError):
         open_node({"driver": "fault", "image": {"driver": "null-co"}, "rules": [{"op": "explode"}]})
+
+
+def test_fault_node_grows_with_its_image(tmp_path: Path) -> None:
+    path = tmp_path / "grow.img"
+    path.write_bytes(bytes(4096))
+    node = open_node({"driver": "fault", "image": {"driver": "file", "filename": str(path)},
+                      "rules": []})  # fmt: skip
+    assert node.growable
+    node.write(8192, b"\x5a" * 4096)
+    assert node.size == 12288 and path.stat().st_size == 12288
+    assert node.read(8192, 4096) == b"\x5a" * 4096
+    node.close()
+    fixed = open_node({"driver": "fault", "image": {"driver": "null-co", "size": 4096}})
+    assert not fixed.growable
+    with pytest.raises(BlockError) as err:
+        fixed.write(4096, b"x")
+    assert err.value.errno == errno.ENOSPC
+
+
+def test_qcow2_allocates_through_a_fault_node(tmp_path: Path) -> None:
+    """A qcow2 whose container is a fault node with no rules allocates as on the file."""
+    path = tmp_path / "t.qcow2"
+    create_image(str(path), CreateOptions(size=4 * MiB))
+    before = path.stat().st_size
+    node = open_node({"driver": "qcow2", "file": {"driver": "fault", "rules": [],
+                      "image": {"driver": "file", "filename": str(path)}}})  # fmt: skip
+    node.write(MiB, b"\x77" * 65536)
+    assert node.read(MiB, 65536) == b"\x77" * 65536
+    node.close()
+    assert path.stat().st_size > before
+    reopened = open_image(str(path), "qcow2")
+    assert reopened.read(MiB, 65536) == b"\x77" * 65536
+    reopened.close()
 
 
 def test_graph_references() -> None:

@@ -228,3 +228,29 @@ def test_job_end_waits_for_a_copy_in_flight_and_queries_still_answer() -> None:
     assert rec.named("BLOCK_JOB_CANCELLED")[0]["offset"] == UNIT
     assert [r.reason for r in snap.refs()] == []
     assert snap.read(0, UNIT) == OLD * UNIT and snap.child("backing") is src
+
+
+def test_a_filter_target_guards_the_overlay_under_it() -> None:
+    """The target is a fault filter over the overlay whose backing is the source: the guard
+    goes under the overlay, so a snapshot read holding a unit still blocks its copy."""
+    disk = MemoryNode("disk", SIZE)
+    disk.write(0, OLD * SIZE)
+    src = FaultNode("src", disk, owned=True, rules=[])
+    overlay = OverlayNode("ov", SIZE, backing=src)
+    target = FaultNode("snap", overlay, owned=True, rules=[])
+    cbw = CopyBeforeWrite(src, target, unit=UNIT)
+    cbw.attach()
+    rule, release = hold_first_read(src)
+    reader = Worker(lambda: target.read(0, 4096))
+    assert rule.reached.wait(10)  # the snapshot reader is inside the source, unit 0 shared
+    writer = Worker(lambda: src.write(0, NEW * 4096))
+    wait_until(lambda: cbw.waiting_claims == 1 or not writer.is_alive(), what="writer")
+    assert writer.is_alive() and disk.read(0, 4096) == OLD * 4096
+    release.set()
+    assert reader.finish() == OLD * 4096
+    writer.finish()
+    assert disk.read(0, 4096) == NEW * 4096 and target.read(0, UNIT) == OLD * UNIT
+    assert overlay.child("backing") is cbw.guard
+    cbw.detach()
+    assert overlay.child("backing") is src
+    assert [r.reason for r in src.refs()] == ["node is used as backing hd of 'ov'"]

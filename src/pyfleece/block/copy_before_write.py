@@ -20,7 +20,9 @@ How it is kept:
 - Zeros are copied as explicit zeros (``write_zeroes`` without may-unmap), so the target
   allocates them and never reads through to the live disk for that unit again.
 - A snapshot read that falls through the target to the live disk goes through a
-  ``SnapshotGuard``, put in place of the source as the target's ``backing`` child. For each
+  ``SnapshotGuard``, put in place of the source as the ``backing`` child of the target, or of
+  the node in the target's filter chain (a fault node's ``image``...) whose backing the
+  source is: every path from the target down to the source passes the guard. For each
   unit it waits until no claim is in flight, then either reads the target's own copy (unit
   copied: the target allocates it) or takes the unit's *shared* lock and reads the source,
   which cannot change meanwhile because copying (and so writing) needs the exclusive claim,
@@ -129,12 +131,12 @@ class CopyBeforeWrite:
 
     def attach(self) -> None:
         """Takes the snapshot: guard, hook, then waits out writes that began before it."""
-        backing = self.target.children.get("backing")
-        if backing is not None and backing.node is self.source:
-            self._backing_owned = backing.owned
-            self.guard = SnapshotGuard(self)
+        overlay = backed_by(self.target, self.source)
+        if overlay is not None:
+            self._backing_owned = overlay.children["backing"].owned
+            self.guard = SnapshotGuard(self, overlay)
             self.skip_unallocated = False
-            self.target.attach_child("backing", self.guard, owned=True)
+            overlay.attach_child("backing", self.guard, owned=True)
         self.source.write_hooks = [*self.source.write_hooks, self._hook]
         self._attached = True
         tracker = self.source.tracker
@@ -154,8 +156,9 @@ class CopyBeforeWrite:
         with self._cond:
             while self._claimed.find(1) >= 0:
                 self._cond.wait()
-        if self.guard is not None and self.target.child("backing") is self.guard:
-            self.target.attach_child("backing", self.source, owned=self._backing_owned)
+        guard = self.guard
+        if guard is not None and guard.overlay.child("backing") is guard:
+            guard.overlay.attach_child("backing", self.source, owned=self._backing_owned)
 
     # -- progress ---------------------------------------------------------------------------
 
@@ -410,24 +413,47 @@ class CopyBeforeWrite:
                 self._cond.notify_all()
 
 
+#: Drivers that pass every request to one child unchanged (role "image" or "file"); the
+#: search for the overlay to guard goes down through them.
+FILTER_DRIVERS = frozenset({"fault"})
+
+
+def backed_by(target: Node, source: Node) -> Node | None:
+    """The node whose ``backing`` is ``source``: ``target`` itself or one reached from it
+    through filters (``FILTER_DRIVERS``), or None."""
+    node: Node | None = target
+    seen: set[int] = set()
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        backing = node.children.get("backing")
+        if backing is not None and backing.node is source:
+            return node
+        if node.driver not in FILTER_DRIVERS:
+            return None
+        node = node.child("image") or node.child("file")
+    return None
+
+
 class SnapshotGuard(Node):
-    """The target's ``backing`` child while copy-before-write runs: reads the snapshot.
+    """The ``backing`` child of ``overlay`` (the target, or the node under the target's
+    filters whose backing the source is) while copy-before-write runs: reads the snapshot.
 
     An implicit filter (like QEMU's): user-facing code should show ``filtered`` instead.
     It holds the source with the same reason as the edge it replaces, so deleting the
-    source names the target as QEMU does.
+    source names the overlay as QEMU does.
     """
 
     driver = "copy-before-write-guard"
     implicit = True
 
-    def __init__(self, cbw: CopyBeforeWrite) -> None:
+    def __init__(self, cbw: CopyBeforeWrite, overlay: Node) -> None:
         super().__init__(f"#cbw-{cbw.target.node_name}", read_only=True)
         self.cbw = cbw
+        self.overlay = overlay
         self.filtered = cbw.source
         self._ref: Ref | None = cbw.source.add_ref(
-            f"node '{cbw.target.node_name}'",
-            f"node is used as backing hd of '{cbw.target.node_name}'",
+            f"node '{overlay.node_name}'",
+            f"node is used as backing hd of '{overlay.node_name}'",
             hard=True,
         )
         self._local = threading.local()

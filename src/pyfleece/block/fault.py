@@ -3,7 +3,9 @@
 A rule names an operation (read, write, write-zeroes, discard, flush), optionally a range
 that the request must overlap, which matching request fails (``nth``, counting from 1),
 whether only that one fails (``once``, the default) or every later one too, and the errno.
-Everything else passes through to the ``image`` child unchanged.
+Everything else passes through to the ``image`` child unchanged, and the node grows as its
+image does (a qcow2 on a fault node over a file allocates past the file's end, as it would on
+the file itself): ``open`` picks ``GrowableFaultNode`` for a growable image.
 
 Command line: ``driver=fault,image.driver=file,image.filename=d.img,``
 ``rules.0.op=write,rules.0.nth=3,rules.0.errno=28``. Tests may also add rules at run time,
@@ -16,6 +18,7 @@ import errno
 import threading
 from dataclasses import dataclass, field
 
+from pyfleece.block import locking
 from pyfleece.block.node import Extent, Node
 from pyfleece.block.options import Options
 from pyfleece.block.registry import OpenContext, open_child, register
@@ -118,6 +121,28 @@ class FaultNode(Node):
     def can_fast_zero(self) -> bool:
         return self.image.can_fast_zero()
 
+    def _truncate(self, size: int) -> None:
+        self.image.truncate(size)
+
+    def permissions_changed(self, perm: locking.Perm, shared: locking.Perm) -> None:
+        """Permissions pass through to the image, as the requests do."""
+        locking.forward(self, self.image, "image", perm, shared)
+
+    def _close(self) -> None:
+        locking.release(self.image, f"node '{self.node_name}'", "image")
+
+
+class GrowableFaultNode(FaultNode):
+    """A fault node over a growable image (a file, memory): writes past the end extend it."""
+
+    growable = True
+
+
+def fault_node(image: Node, name: str, *, owned: bool, rules: list[Rule]) -> FaultNode:
+    """A fault node over ``image``, growable exactly when the image is."""
+    cls = GrowableFaultNode if image.growable else FaultNode
+    return cls(name, image, owned=owned, rules=rules)
+
 
 def _parse_rule(raw: object, index: int) -> Rule:
     if not isinstance(raw, dict):
@@ -147,4 +172,4 @@ def _open_fault(opts: Options, name: str, ctx: OpenContext) -> Node:
         raise ConfigError("Parameter 'rules' expects a list")
     rules = [_parse_rule(r, i) for i, r in enumerate(raw_rules)]
     opts.finish()
-    return FaultNode(name, image, owned=owned, rules=rules)
+    return fault_node(image, name, owned=owned, rules=rules)

@@ -4,6 +4,10 @@ Reads use ``preadv`` into the caller's buffer (short reads past the end give zer
 ``pwritev``; write-zeroes and discard punch holes or zero ranges with ``fallocate``; block
 status comes from ``SEEK_DATA``/``SEEK_HOLE``; flush is ``fdatasync``. A file node grows when
 written past its end, as qcow2 needs of its container.
+
+Image locking (``locking=on|off|auto``, auto meaning on): the node's demand (what the nodes
+and users above it claim, ``block/locking.py``) is held as QEMU's lock bytes on its own open
+file description; ``force-share`` (inherited from the open) makes it unshare nothing.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import os
 import stat
 import threading
 
+from pyfleece.block import locking
 from pyfleece.block.node import Extent, HostMapping, Node
 from pyfleece.block.options import Options
 from pyfleece.block.registry import OpenContext, register
-from pyfleece.errors import BlockError, ImageError
+from pyfleece.errors import BlockError, ConfigError, ImageError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -40,7 +45,9 @@ class FileNode(Node):
     driver = "file"
     growable = True
 
-    def __init__(self, node_name: str, filename: str, *, read_only: bool) -> None:
+    def __init__(
+        self, node_name: str, filename: str, *, read_only: bool, lock: bool = True
+    ) -> None:
         super().__init__(node_name, read_only=read_only)
         self.filename = filename
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -57,6 +64,17 @@ class FileNode(Node):
         self._size_lock = threading.Lock()
         self._punch_ok = not self.is_block_device
         self._zero_range_ok = True
+        self.locks = locking.ImageLocks(self.fd, filename) if lock else None
+        self.force_share = locking.force_share()
+
+    def permissions_changed(self, perm: locking.Perm, shared: locking.Perm) -> None:
+        """Holds the lock bytes for the node's demand (locking.PermissionUser).
+
+        Raises:
+            LockConflict: another open of the file holds a conflicting lock.
+        """
+        if self.locks is not None:
+            self.locks.update(perm, locking.ALL if self.force_share else shared)
 
     @property
     def size(self) -> int:
@@ -179,7 +197,10 @@ class FileNode(Node):
 @register("host_device")
 def _open_file(opts: Options, name: str, ctx: OpenContext) -> Node:
     filename = opts.get_str("filename")
-    for legacy in ("locking", "x-check-cache-dropped", "pr-manager"):
+    mode = opts.get_str("locking", "auto")
+    if mode not in ("on", "off", "auto"):
+        raise ConfigError(f"Parameter 'locking' does not accept value '{mode}'")
+    for legacy in ("x-check-cache-dropped", "pr-manager"):
         opts.raw(legacy, None)
     opts.finish()
-    return FileNode(name, filename, read_only=ctx.read_only)
+    return FileNode(name, filename, read_only=ctx.read_only, lock=mode != "off")

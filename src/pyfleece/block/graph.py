@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from pyfleece.block.locking import opening
 from pyfleece.block.node import Node
 from pyfleece.block.registry import OpenContext, open_node
 from pyfleece.errors import DuplicateNode, NodeNotFound
@@ -57,7 +58,8 @@ class Graph:
             name = options.get("node-name")
             if isinstance(name, str) and name in self._nodes:
                 raise DuplicateNode(f"Duplicate nodes with node-name='{name}'")
-            node = open_node(options, OpenContext(self, read_only))
+            with opening(options, read_only):  # force-share reaches the nodes opened inside
+                node = open_node(options, OpenContext(self, read_only))
             try:
                 self._add_tree(node, explicit=True)
             except DuplicateNode:

@@ -4,6 +4,12 @@
 (``{"driver": "qcow2", "file": {"driver": "file", "filename": ...}}``) and opens the node.
 A name may also be an NBD URI (``nbd://``, ``nbd+unix://``, ``nbds://``) or QEMU's
 ``json:{...}`` pseudo-file name holding blockdev options.
+
+The tool that opens an image is its user, and claims permissions on it as QEMU's tools do
+(``block/locking.py``): reading (and writing, when writable), sharing everything unless it
+needs the image to hold still (``stable``: qemu-img convert's source, which no one may
+write or resize meanwhile). ``force_share`` is qemu-img's ``-U``: read-only, and the nodes
+share everything, so images other processes hold open for writing can still be read.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import os
 from typing import Any
 
+from pyfleece.block import locking
 from pyfleece.block.node import Node
 from pyfleece.block.registry import OpenContext, open_node
 from pyfleece.errors import ConfigError, ImageError
@@ -58,23 +65,52 @@ def image_options(filename: str, fmt: str | None = None) -> dict[str, Any]:
     return {"driver": fmt, "file": protocol_options(filename)}
 
 
+#: Who a tool's claim names in a conflict (QEMU's anonymous BlockBackend).
+TOOL_HOLDER = "a block device"
+
+
 def open_image(
     filename: str,
     fmt: str | None = None,
     *,
     read_only: bool = True,
     extra: dict[str, Any] | None = None,
+    force_share: bool = False,
+    stable: bool = False,
 ) -> Node:
     """Opens an image file as the tools do; ``extra`` adds format options, such as
     ``{"backing": None}`` to open a qcow2 image without its backing chain.
 
     Raises:
-        ImageError, ConfigError, BlockError: the image cannot be opened.
+        ImageError, ConfigError, BlockError: the image cannot be opened (LockConflict:
+            another process holds it in a way that forbids this use).
     """
     options = image_options(filename, fmt)
     if extra:
         options.update(extra)
-    return open_node(options, OpenContext(read_only=read_only))
+    if force_share:
+        options["force-share"] = True
+    with locking.opening(options, read_only):
+        node = open_node(options, OpenContext(read_only=read_only))
+        try:
+            claim_as_tool(node, writable=not read_only, stable=stable and not force_share)
+        except BaseException:
+            node.close()
+            raise
+    return node
+
+
+def claim_as_tool(node: Node, *, writable: bool, stable: bool = False) -> None:
+    """A tool's permissions on the image it opened (QEMU's blk_new_open).
+
+    Raises:
+        PermissionConflict, LockConflict: the image is in use in a way that forbids it.
+    """
+    perm = locking.Perm.CONSISTENT_READ
+    if writable:
+        perm |= locking.Perm.WRITE
+    shared = locking.SHARED_READ if stable else locking.ALL
+    locking.claim(node, locking.Claim(TOOL_HOLDER, "root", perm, shared))
 
 
 def _json_options(filename: str) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """The ``raw`` format driver: a window (``offset``, ``size``) onto its ``file`` child.
 
 Everything passes through unchanged, shifted by ``offset``; the node's size is fixed when it
-opens (the child may grow underneath, the window does not).
+opens (the child may grow underneath, the window does not). So do permissions: what users
+claim on the raw node, it claims on its file (``block/locking.py``), as QEMU's raw does.
 """
 
 from __future__ import annotations
 
 import errno
 
+from pyfleece.block import locking
 from pyfleece.block.node import Extent, HostMapping, Node
 from pyfleece.block.options import Options
 from pyfleece.block.registry import OpenContext, open_child, register
@@ -54,6 +56,12 @@ class RawNode(Node):
 
     def _host_map(self, offset: int, length: int) -> HostMapping | None:
         return self.file.host_map(offset + self.offset, length)
+
+    def permissions_changed(self, perm: locking.Perm, shared: locking.Perm) -> None:
+        locking.forward(self, self.file, "file", perm, shared)
+
+    def _close(self) -> None:
+        locking.release(self.file, f"node '{self.node_name}'", "file")
 
     def _truncate(self, size: int) -> None:
         if self.offset or self._fixed_size is not None:

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         if args.pidfile:
             write_pidfile(args.pidfile)
     except PyfleeceError as err:
-        sys.stderr.write(f"pyfleece daemon: {err}\n")
+        sys.stderr.write(f"pyfleece daemon: {err}\n{_hint(err)}")
         daemon.shutdown()
         return 1
     log.info("ready")
@@ -61,6 +61,17 @@ def main(argv: list[str]) -> int:
         if args.pidfile:
             remove_pidfile(args.pidfile)
     return 0
+
+
+def _hint(err: BaseException | None) -> str:
+    """QEMU's hint line for an error (a locked image's "Is another process using the image
+    [x]?"), found along the chain of causes; "" when there is none."""
+    while err is not None:
+        hint = getattr(err, "hint", "")
+        if isinstance(hint, str) and hint:
+            return hint + "\n"
+        err = err.__cause__ or err.__context__
+    return ""
 
 
 def _daemonize() -> int:

@@ -4,7 +4,9 @@ Exit status: 0 clean, 2 corruptions, 3 leaks only, 1 the check could not be comp
 63 the format has no check (raw). With ``-r leaks`` or ``-r all`` the image is repaired
 and checked a second time; the report is the second check's, with the repair counts of the
 first, as qemu-img prints it. The work is ``block.qcow2.check``; this module opens the
-image (its backing chain must open too, as for qemu-img) and prints.
+image (its backing chain must open too, as for qemu-img) and prints. The check works on the
+image's file node, which claims what QEMU's qcow2 would (read, plus write and resize when
+repairing), so a locked image is refused as qemu-img refuses it; ``-U`` reads it anyway.
 """
 
 from __future__ import annotations
@@ -12,12 +14,21 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from pyfleece.block.image import protocol_options
+from pyfleece.block import locking
+from pyfleece.block.image import TOOL_HOLDER, protocol_options
 from pyfleece.block.node import Node
 from pyfleece.block.qcow2 import check as qcheck
 from pyfleece.block.registry import OpenContext, open_node
 from pyfleece.errors import PyfleeceError
-from pyfleece.img.common import Fail, describe, open_for, output_format, parse_args, qjson
+from pyfleece.img.common import (
+    Fail,
+    describe,
+    lock_hint,
+    open_for,
+    output_format,
+    parse_args,
+    qjson,
+)
 
 HELP = """\
 usage: pyfleece img check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
@@ -27,6 +38,7 @@ Checks a qcow2 image's metadata for consistency, as qemu-img check does.
   -r all     repair all kinds of errors (rebuilding the refcounts if needed)
   --output   'human' (default) or 'json'
   -q         quiet
+  -U, --force-share  check an image another process holds open for writing (no repair)
 Exit status: 0 no errors, 1 check not completed, 2 corruptions found, 3 leaks found,
 63 the image format does not support checks.
 """
@@ -43,7 +55,7 @@ def run(argv: list[str]) -> int:
     fmt: str | None = None
     output: str | None = None
     fix = qcheck.Fix.NONE
-    quiet = False
+    quiet = force_share = False
     for opt, value in opts:
         if opt in ("-f", "--format"):
             fmt = value
@@ -53,18 +65,27 @@ def run(argv: list[str]) -> int:
             output = value
         elif opt == "-q":
             quiet = True
+        elif opt in ("-U", "--force-share"):
+            force_share = True
         elif opt in ("--object", "--image-opts"):
             raise Fail(f"{opt} is not supported by pyfleece")
     if len(operands) != 1:
         raise Fail("Expecting one image file name", usage=True)
     ofmt = output_format(output)
     filename = operands[0]
-    node = open_for(filename, fmt)
+    if fix and force_share:
+        raise Fail(f"Could not open '{filename}': {FORCE_SHARE_RW}")
+    if fix:  # qemu-img opens for writing first: another user is reported as its lock
+        _open_file(filename, writable=True).close()
+    node = open_for(filename, fmt, force_share=force_share)
     driver = node.driver
     node.close()
     if driver != "qcow2":
         raise Fail("This image format does not support checks", UNSUPPORTED)
-    return check_image(filename, fix, ofmt, quiet)
+    return check_image(filename, fix, ofmt, quiet, force_share=force_share)
+
+
+FORCE_SHARE_RW = "force-share=on can only be used with read-only images"
 
 
 def _repair_mode(value: str) -> qcheck.Fix:
@@ -75,9 +96,11 @@ def _repair_mode(value: str) -> qcheck.Fix:
     raise Fail(f"Unknown option value for -r (expecting 'leaks' or 'all'): {value}", usage=True)
 
 
-def check_image(filename: str, fix: qcheck.Fix, ofmt: str, quiet: bool) -> int:
+def check_image(
+    filename: str, fix: qcheck.Fix, ofmt: str, quiet: bool, *, force_share: bool = False
+) -> int:
     """Runs the check (and repair) and prints the report; returns the exit status."""
-    file = _open_file(filename, writable=bool(fix))
+    file = _open_file(filename, writable=bool(fix), force_share=force_share)
     try:
         res = _run_check(file, fix)
         if res.corruptions_fixed or res.leaks_fixed:
@@ -102,11 +125,25 @@ def check_image(filename: str, fix: qcheck.Fix, ofmt: str, quiet: bool) -> int:
     return 3 if res.leaks else 0
 
 
-def _open_file(filename: str, writable: bool) -> Node:
+def _open_file(filename: str, writable: bool, force_share: bool = False) -> Node:
+    """The image's file node, claimed as QEMU's qcow2 claims its file."""
+    options = protocol_options(filename)
+    options["force-share"] = force_share
+    perm = locking.Perm.CONSISTENT_READ
+    if writable:
+        perm |= locking.Perm.WRITE | locking.Perm.RESIZE
     try:
-        return open_node(protocol_options(filename), OpenContext(read_only=not writable))
+        with locking.opening(options, not writable):
+            file = open_node(options, OpenContext(read_only=not writable))
+        try:
+            locking.claim(file, locking.Claim(TOOL_HOLDER, "file", perm, locking.SHARED_READ))
+        except BaseException:
+            file.close()
+            raise
     except PyfleeceError as err:
-        raise Fail(f"Could not open '{filename}': {describe(err)}") from err
+        message = f"Could not open '{filename}': {describe(err)}"
+        raise Fail(message, hint=lock_hint(err)) from err
+    return file
 
 
 def _run_check(file: Node, fix: qcheck.Fix) -> qcheck.CheckResult:

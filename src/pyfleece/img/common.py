@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pyfleece.block.image import QCOW2_MAGIC, is_uri, open_image
+from pyfleece.block.locking import LockConflict
 from pyfleece.block.node import Node
 from pyfleece.errors import BlockError, ImageError, PyfleeceError
 
@@ -207,9 +208,17 @@ def probe(filename: str) -> str | None:
 
 
 def open_node(
-    filename: str, fmt: str | None, *, read_only: bool = True, no_backing: bool = False
+    filename: str,
+    fmt: str | None,
+    *,
+    read_only: bool = True,
+    no_backing: bool = False,
+    force_share: bool = False,
+    stable: bool = False,
 ) -> Node:
     """Opens an image; errors keep the driver's own wording (see ``open_for``).
+    ``force_share`` is ``-U``; ``stable`` unshares writes (convert's source), see
+    ``block.image.open_image``.
 
     Raises:
         PyfleeceError, OSError: the image cannot be opened.
@@ -222,7 +231,9 @@ def open_node(
     extra: dict[str, Any] | None = None
     if no_backing and fmt == "qcow2":
         extra = {"backing": None}
-    return open_image(filename, fmt, read_only=read_only, extra=extra)
+    return open_image(
+        filename, fmt, read_only=read_only, extra=extra, force_share=force_share, stable=stable
+    )
 
 
 def open_for(
@@ -232,16 +243,32 @@ def open_for(
     read_only: bool = True,
     no_backing: bool = False,
     status: int = 1,
+    force_share: bool = False,
+    stable: bool = False,
 ) -> Node:
     """Opens an image as a qemu-img command does.
 
     Raises:
-        Fail: "Could not open 'x': <reason>", with ``status``.
+        Fail: "Could not open 'x': <reason>", with ``status`` (and, for a locked image,
+            QEMU's "Is another process using the image [x]?" hint).
     """
     try:
-        return open_node(filename, fmt, read_only=read_only, no_backing=no_backing)
+        return open_node(
+            filename,
+            fmt,
+            read_only=read_only,
+            no_backing=no_backing,
+            force_share=force_share,
+            stable=stable,
+        )
     except (PyfleeceError, OSError) as err:
-        raise Fail(f"Could not open '{filename}': {describe(err)}", status) from err
+        message = f"Could not open '{filename}': {describe(err)}"
+        raise Fail(message, status, hint=lock_hint(err)) from err
+
+
+def lock_hint(err: BaseException) -> str:
+    """QEMU's hint after a lock failure ("Is another process using the image [x]?")."""
+    return err.hint if isinstance(err, LockConflict) else ""
 
 
 def describe(err: BaseException) -> str:

@@ -26,6 +26,7 @@ Compares the guest-visible contents of two images, as qemu-img compare does.
   -f fmt   first image format       -F fmt   second image format
   -s       strict: sizes and allocation must match too
   -p       show progress            -q       quiet
+  -U       open the images shared, even if another process holds them for writing
 Exit status: 0 identical, 1 different, 2 an image cannot be opened, 3 or 4 I/O errors.
 """
 
@@ -83,9 +84,11 @@ def run(argv: list[str]) -> int:
         argv, "hf:F:T:pqsU", ["help", "image-opts", "object=", "force-share"]
     )
     fmt1 = fmt2 = None
-    progress = quiet = strict = False
+    progress = quiet = strict = force_share = False
     for opt, value in opts:
-        if opt == "-f":
+        if opt in ("-U", "--force-share"):
+            force_share = True
+        elif opt == "-f":
             fmt1 = value
         elif opt == "-F":
             fmt2 = value
@@ -101,17 +104,23 @@ def run(argv: list[str]) -> int:
         raise Fail("Expecting two image file names", usage=True)
     bar = Progress(progress and not quiet, 2.0)
     try:
-        return _compare(operands, (fmt1, fmt2), strict, quiet, bar)
+        return _compare(operands, (fmt1, fmt2), strict, quiet, bar, force_share=force_share)
     finally:
         bar.end()
 
 
 def _compare(
-    names: list[str], fmts: tuple[str | None, str | None], strict: bool, quiet: bool, bar: Progress
+    names: list[str],
+    fmts: tuple[str | None, str | None],
+    strict: bool,
+    quiet: bool,
+    bar: Progress,
+    *,
+    force_share: bool = False,
 ) -> int:
-    node1 = open_for(names[0], fmts[0], status=2)
+    node1 = open_for(names[0], fmts[0], status=2, force_share=force_share)
     try:
-        node2 = open_for(names[1], fmts[1], status=2)
+        node2 = open_for(names[1], fmts[1], status=2, force_share=force_share)
     except Fail:
         node1.close()
         raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+from pyfleece.block.locking import LockConflict
 from pyfleece.block.node import Node
 from pyfleece.errors import ConfigError, PyfleeceError
 from pyfleece.img import create as img_create
@@ -42,6 +43,7 @@ Copies the guest contents of one or more images (concatenated) into a new image.
   -S size    ranges of zeros at least this long are not written (default 4k; 0 writes all)
   -n         do not create the output: write into an existing image
   -p         show progress       -q   quiet
+  -U, --force-share  read sources another process holds open for writing
 """
 
 MAX_SPARSE = 16 << 20
@@ -60,6 +62,7 @@ class _Args:
         self.target_is_zero = False
         self.progress = False
         self.quiet = False
+        self.force_share = False
 
 
 def run(argv: list[str]) -> int:
@@ -75,7 +78,9 @@ def run(argv: list[str]) -> int:
     nodes: list[tuple[Node, str]] = []
     try:
         for name in files[:-1]:
-            nodes.append((open_for(name, args.src_fmt), name))
+            # The sources must hold still: no other writer unless -U (qemu-img's NO_SHARE).
+            share = args.force_share
+            nodes.append((open_for(name, args.src_fmt, force_share=share, stable=True), name))
         convert(nodes, files[-1], args, bar)
     finally:
         for node, _ in nodes:
@@ -112,6 +117,8 @@ def _parse(argv: list[str]) -> tuple[_Args, list[str]]:
             args.progress = True
         elif opt == "-q":
             args.quiet = True
+        elif opt in ("-U", "--force-share"):
+            args.force_share = True
         elif opt == "-m":
             _workers(value)
         elif opt == "--target-is-zero":
@@ -199,7 +206,9 @@ def _wrap_create_errors(out: str, fmt: str, make: Callable[[], T]) -> T:
         return make()
     except Fail as fail:
         message = str(fail).removeprefix(f"{out}: ")
-        raise Fail(f"{out}: error while converting {fmt}: {message}") from fail
+        raise Fail(f"{out}: error while converting {fmt}: {message}", hint=fail.hint) from fail
+    except LockConflict as err:
+        raise Fail(f"{out}: error while converting {fmt}: {err}", hint=err.hint) from err
     except (ConfigError, OSError) as err:
         raise Fail(f"{out}: error while converting {fmt}: {describe(err)}") from err
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
+from pyfleece.block.locking import LockConflict, open_for_create
 from pyfleece.block.qcow2 import create as qcow2_create
 from pyfleece.errors import ConfigError, PyfleeceError
 from pyfleece.img.common import INT64_MAX, Fail, cvtnum, describe, open_node, parse_args
@@ -139,7 +140,8 @@ def _check_backing(filename: str, opts: FormatOpts, no_open: bool) -> None:
         return
     full = full_backing_name(filename, backing)
     try:
-        node = open_node(full, str(backing_fmt) if backing_fmt else None)
+        # Shared, as qemu-img opens it: a backing file in use by a VM may still be named.
+        node = open_node(full, str(backing_fmt) if backing_fmt else None, force_share=True)
     except (PyfleeceError, OSError) as err:
         hint = "Could not open backing image."
         raise Fail(f"{filename}: {describe(err)}", hint=hint) from err
@@ -170,6 +172,8 @@ def _create_qcow2(filename: str, opts: FormatOpts) -> None:
     create_opts = qcow2_options(filename, opts, size, backing, backing_fmt)
     try:
         qcow2_create.create_image(filename, create_opts)
+    except LockConflict as err:
+        raise Fail(f"{filename}: {err}", hint=err.hint) from err
     except OSError as err:
         raise _cannot_create(filename, err) from err
 
@@ -224,7 +228,9 @@ def _create_raw(filename: str, opts: FormatOpts) -> None:
         raise Fail(f"{filename}: invalid parameter value: {prealloc}")
     size = -(-int(opts.get("size", 0) or 0) // 512) * 512
     try:
-        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = open_for_create(filename)  # locked first, as QEMU: an image in use is untouched
+    except LockConflict as err:
+        raise Fail(f"{filename}: {err}", hint=err.hint) from err
     except OSError as err:
         raise _cannot_create(filename, err) from err
     try:

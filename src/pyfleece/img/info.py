@@ -34,6 +34,7 @@ format-specific details, as qemu-img info does.
   -f fmt           the image's format (probed when omitted)
   --output=ofmt    'human' (default) or 'json'
   --backing-chain  also show every image of the backing chain
+  -U, --force-share  open the image shared, even if another process holds it for writing
 """
 
 
@@ -43,10 +44,12 @@ def run(argv: list[str]) -> int:
     )
     fmt: str | None = None
     output: str | None = None
-    chain = False
+    chain = force_share = False
     for opt, value in opts:
         if opt in ("-f", "--format"):
             fmt = value
+        elif opt in ("-U", "--force-share"):
+            force_share = True
         elif opt == "--output":
             output = value
         elif opt == "--backing-chain":
@@ -56,7 +59,7 @@ def run(argv: list[str]) -> int:
     if len(operands) != 1:
         raise Fail("Expecting one image file name", usage=True)
     ofmt = output_format(output)
-    infos = collect(operands[0], fmt, chain)
+    infos = collect(operands[0], fmt, chain, force_share=force_share)
     if ofmt == "json":
         print(qjson(infos if chain else infos[0]))
     else:
@@ -64,8 +67,11 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-def collect(filename: str, fmt: str | None, chain: bool) -> list[dict[str, Any]]:
-    """Info for the image, and with ``chain`` for each image below it.
+def collect(
+    filename: str, fmt: str | None, chain: bool, *, force_share: bool = False
+) -> list[dict[str, Any]]:
+    """Info for the image, and with ``chain`` for each image below it (``force_share``:
+    qemu-img's ``-U``).
 
     Raises:
         Fail: an image cannot be opened, or the chain loops.
@@ -77,7 +83,7 @@ def collect(filename: str, fmt: str | None, chain: bool) -> list[dict[str, Any]]
         if name in seen:
             raise Fail(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
-        node = open_for(name, fmt, no_backing=True)
+        node = open_for(name, fmt, no_backing=True, force_share=force_share)
         try:
             info = image_info(node, name)
         finally:

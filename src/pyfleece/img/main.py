@@ -58,7 +58,7 @@ Command parameters:
     convert to leave them unallocated in the target; 0 writes every byte
   '--output' takes the format in which the output must be done (human or json)
   '-n' skips the target volume creation (useful if the volume is created beforehand)
-  '-U' is accepted for compatibility: pyfleece does not lock images
+  '-U' opens images shared (read-only), even if another process holds them for writing
 
 Parameters to check subcommand:
   '-r' tries to repair any inconsistencies that are found during the check.

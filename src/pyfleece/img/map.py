@@ -39,6 +39,7 @@ usage: pyfleece img map [-f fmt] [--start-offset=offset] [--max-length=len]
 Shows where each range of the image's data comes from, as qemu-img map does.
   --output=json      one object per range: start, length, depth, present, zero, data, offset
   --start-offset, --max-length   limit the range shown
+  -U, --force-share  open the image shared, even if another process holds it for writing
 """
 
 STEP = 1 << 30  # qemu-img asks about at most 1 GiB at a time
@@ -65,9 +66,12 @@ def run(argv: list[str]) -> int:
     fmt: str | None = None
     output: str | None = None
     start, max_length = 0, -1
+    force_share = False
     for opt, value in opts:
         if opt in ("-f", "--format"):
             fmt = value
+        elif opt in ("-U", "--force-share"):
+            force_share = True
         elif opt == "--output":
             output = value
         elif opt == "--start-offset":
@@ -79,7 +83,7 @@ def run(argv: list[str]) -> int:
     if len(operands) != 1:
         raise Fail("Expecting one image file name", usage=True)
     ofmt = output_format(output)
-    node = open_for(operands[0], fmt)
+    node = open_for(operands[0], fmt, force_share=force_share)
     try:
         length = -(-node.size // 512) * 512
         if max_length != -1:

@@ -126,10 +126,17 @@ class Job:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Emits created and running, and starts the job's thread."""
+    def create(self) -> None:
+        """Emits created: the job exists but does not run yet (a transaction creates all
+        its jobs before it starts any)."""
         with self._cond:
             self._transition(S.CREATED)
+
+    def start(self) -> None:
+        """Emits created (unless ``create`` did) and running, and starts the job's thread."""
+        with self._cond:
+            if self.status is S.UNDEFINED:
+                self._transition(S.CREATED)
             self._transition(S.RUNNING)
             self._thread = threading.Thread(target=self._main, name=f"job-{self.id}", daemon=True)
             self._thread.start()
@@ -182,6 +189,23 @@ class Job:
             self._transition(S.CONCLUDED)
             if self.auto_dismiss:
                 self._dismiss()
+            self._cond.notify_all()
+
+    def abort_unstarted(self) -> None:
+        """Ends a created job that never ran (its transaction failed): aborting, concluded,
+        null, undoing its graph changes; no BLOCK_JOB_CANCELLED, and dismissed even with
+        auto-dismiss off, as qsd 7.2 does."""
+        with self._cond:
+            self.cancelled = True
+            self.error = os.strerror(errno.ECANCELED)
+            self._transition(S.ABORTING)
+        self._call(self.abort)
+        self._call(self.clean)
+        if self.on_cleaned is not None:
+            self._call(self.on_cleaned)
+        with self._cond:
+            self._transition(S.CONCLUDED)
+            self._dismiss()
             self._cond.notify_all()
 
     def _call(self, step: Callable[[], None]) -> None:

@@ -42,7 +42,18 @@ class JobManager:
 
     # -- creating ---------------------------------------------------------------------------
 
-    def start_backup(
+    def start_backup(self, source: Node, target: Node, **kwargs: Any) -> BackupJob:
+        """blockdev-backup / drive-backup: ``create_backup`` (same arguments), then runs the
+        job at once (created and running emitted when this returns).
+
+        Raises:
+            CommandError: see ``create_backup``.
+        """
+        job = self.create_backup(source, target, **kwargs)
+        job.start()
+        return job
+
+    def create_backup(
         self,
         source: Node,
         target: Node,
@@ -57,8 +68,9 @@ class JobManager:
         auto_dismiss: bool = True,
         cluster_size: int | None = None,
     ) -> BackupJob:
-        """blockdev-backup / drive-backup: starts a backup; the snapshot is taken when this
-        returns (created and running already emitted).
+        """Creates a backup job without running it: the snapshot is taken and ``created``
+        emitted when this returns. ``job.start()`` runs it; ``job.abort_unstarted()`` ends
+        it (a transaction creates every job first, then starts them or aborts them all).
 
         Args:
             device: the source's device name: the default job id, and BLOCK_IO_ERROR's
@@ -67,7 +79,8 @@ class JobManager:
                 attribute to read it from.
 
         Raises:
-            CommandError: QEMU's messages for a busy target, a bad id, a duplicate id, or
+            CommandError: QEMU's messages for a busy target, a bad id, a duplicate id, a
+                permission conflict (a running backup's source as this one's target), or
                 arguments the backup job refuses.
         """
         ident = device if job_id is None else job_id
@@ -95,7 +108,7 @@ class JobManager:
             self._forget(job)
             raise
         job.on_null = self._forget
-        job.start()
+        job.create()
         return job
 
     def _check_not_target(self, node: Node) -> None:

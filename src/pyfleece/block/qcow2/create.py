@@ -31,6 +31,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from pyfleece.block import locking
 from pyfleece.block.node import Node
 from pyfleece.block.qcow2.format import (
     MAX_CLUSTER_BITS,
@@ -380,12 +381,14 @@ def create_image(path: str, opts: CreateOptions) -> Header:
 
 
 def write_plan(path: str, plan: Plan, *, sync: bool) -> None:
-    """Creates (or truncates) ``path`` and performs the plan's writes.
+    """Creates (or truncates) ``path`` and performs the plan's writes; an image another
+    process holds is refused, untouched (``locking.open_for_create``).
 
     Raises:
+        LockConflict: the image is in use.
         OSError: the file cannot be created or written.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = locking.open_for_create(path)
     try:
         for offset, data in _coalesce(plan.writes):
             os.pwrite(fd, data, offset)

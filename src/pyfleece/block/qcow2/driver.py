@@ -10,6 +10,11 @@ format (probed when absent), and refused when the chain loops back to an image a
 it or grows deeper than ``MAX_CHAIN_DEPTH``. The backing edge may be swapped while the node
 is open (fleecing does): every read looks it up anew.
 
+Permissions (``block/locking.py``), as QEMU's qcow2 takes them on its file: consistent read,
+plus write and resize when writable; it shares only consistent read and write-unchanged, so
+no other writer (or resizer) may use the file while the image is open. They are claimed
+before the header is read, so a locked image fails with the lock's error.
+
 Writable opens are refused for images with the corrupt bit (they open read-only). An image
 with the dirty bit (lazy refcounts not written back) is repaired on a writable open, as
 QEMU does, by ``check.repair_dirty``; a read-only open reads it as it is.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pyfleece.block import locking
 from pyfleece.block.file import FileNode
 from pyfleece.block.image import image_options, is_uri
 from pyfleece.block.node import Node
@@ -71,6 +77,14 @@ class Qcow2Node(Qcow2Writer):
         """The header's backing file name resolved against the image's directory."""
         name = self.header.backing_file
         return resolve_backing(name, self.filename) if name else None
+
+    def _close(self) -> None:
+        try:
+            super()._close()  # writes metadata back: the locks still hold meanwhile
+        finally:
+            file = self.child("file")
+            if file is not None:
+                locking.release(file, f"node '{self.node_name}'", "file")
 
     def info(self) -> dict[str, Any]:
         """What ``qemu-img info --output=json`` reports from the image itself: the cluster
@@ -128,6 +142,7 @@ def read_header(file: Node) -> Header:
 def _open_qcow2(opts: Options, name: str, ctx: OpenContext) -> Node:
     file, owned = open_child(opts.raw("file"), ctx, "file")
     try:
+        _claim_file(file, name, writable=not ctx.read_only)
         backing = opts.raw("backing") if opts.has("backing") else _FROM_HEADER
         l2_cache, refcount_cache, lazy = _tuning(opts)
         opts.finish()
@@ -156,6 +171,7 @@ def _open_qcow2(opts: Options, name: str, ctx: OpenContext) -> Node:
             filename=filename,
         )
     except BaseException:
+        locking.release(file, f"node '{name}'", "file")
         if owned:
             file.close()
         raise
@@ -165,6 +181,14 @@ def _open_qcow2(opts: Options, name: str, ctx: OpenContext) -> Node:
         node.close()
         raise
     return node
+
+
+def _claim_file(file: Node, name: str, *, writable: bool) -> None:
+    """QEMU's qcow2 permissions on its file (see the module docstring)."""
+    perm = locking.Perm.CONSISTENT_READ
+    if writable and not file.read_only:
+        perm |= locking.Perm.WRITE | locking.Perm.RESIZE
+    locking.claim(file, locking.Claim(f"node '{name}'", "file", perm, locking.SHARED_READ))
 
 
 def _check_chain(filename: str, real: str, ctx: OpenContext) -> None:

@@ -96,10 +96,11 @@ def _unsupported(args: dict[str, Any]) -> None:
         raise CommandError("Compressed backup is not supported")
 
 
-def start_backup(ctx: Daemon, args: dict[str, Any], target: Node) -> BackupJob:
+def create_backup(ctx: Daemon, args: dict[str, Any], target: Node) -> BackupJob:
+    """A backup job, created (snapshot taken, ``created`` emitted) but not running."""
     source = lookup(ctx, args["device"])
     drive = ctx.drives.find(args["device"])
-    return ctx.jobs.start_backup(
+    return ctx.jobs.create_backup(
         source,
         target,
         sync=args["sync"],
@@ -115,24 +116,32 @@ def start_backup(ctx: Daemon, args: dict[str, Any], target: Node) -> BackupJob:
 
 def blockdev_backup(ctx: Daemon, args: dict[str, Any]) -> None:
     _unsupported(args)
-    start_backup(ctx, args, lookup(ctx, args["target"]))
+    create_backup(ctx, args, lookup(ctx, args["target"])).start()
 
 
 def drive_backup(ctx: Daemon, args: dict[str, Any]) -> None:
     _unsupported(args)
+    _create_drive_backup(ctx, args).start()
+
+
+def _create_drive_backup(ctx: Daemon, args: dict[str, Any]) -> BackupJob:
+    """drive-backup's job, created; its target file is dropped when the job ends."""
     source = lookup(ctx, args["device"])
     target = backup_target.open_target(ctx, source, args)
     try:
-        job = start_backup(ctx, args, target)
+        job = create_backup(ctx, args, target)
     except BaseException:
         backup_target.discard(ctx, target)
         raise
     job.on_cleaned = lambda: backup_target.discard(ctx, target)
+    return job
 
 
 def transaction(ctx: Daemon, args: dict[str, Any]) -> None:
-    """Starts every action, or none: on a failure, the jobs already started are cancelled."""
-    started: list[BackupJob] = []
+    """All actions or none, as QEMU: every job is created (its snapshot taken) before any
+    starts; on a failure the jobs created so far end, newest first, without ever running
+    (created, aborting, concluded, null: no BLOCK_JOB_CANCELLED)."""
+    created: list[BackupJob] = []
     try:
         for action in args["actions"]:
             kind, data = action["type"], action.get("data", {})
@@ -140,21 +149,15 @@ def transaction(ctx: Daemon, args: dict[str, Any]) -> None:
                 raise CommandError("Transaction aborted using Abort action")
             _unsupported(data)
             if kind == "blockdev-backup":
-                started.append(start_backup(ctx, data, lookup(ctx, data["target"])))
+                created.append(create_backup(ctx, data, lookup(ctx, data["target"])))
             else:
-                source = lookup(ctx, data["device"])
-                target = backup_target.open_target(ctx, source, data)
-                try:
-                    job = start_backup(ctx, data, target)
-                except BaseException:
-                    backup_target.discard(ctx, target)
-                    raise
-                job.on_cleaned = lambda t=target: backup_target.discard(ctx, t)
-                started.append(job)
+                created.append(_create_drive_backup(ctx, data))
     except PyfleeceError:
-        for job in started:
-            job.user_cancel(force=True)
+        for job in reversed(created):
+            job.abort_unstarted()
         raise
+    for job in created:
+        job.start()
 
 
 def block_job_cancel(ctx: Daemon, args: dict[str, Any]) -> None:
