@@ -168,3 +168,27 @@ def test_a_daemon_refuses_at_start_an_image_the_other_holds(tmp_path: Path) -> N
         assert outcomes[0] == outcomes[1] == (1, (
             f"<daemon>: --blockdev {option}: Failed to get \"write\" lock\n"
             "Is another process using the image [top.qcow2]?\n"))  # fmt: skip
+
+
+def test_export_lock_bytes_match_qsd(tmp_path: Path) -> None:
+    """Exports claim read (and write when writable) and unshare resize, as QEMU's do; a
+    fleecing job on an exported disk adds the filter's unshares without refusing it."""
+    with pair(tmp_path, [], images) as (qsd, ours):
+        for daemon in (qsd, ours):
+            for options in NODES[2:4]:
+                daemon.ok("blockdev-add", **options)
+            sock = str(daemon.dir / "nbd.sock")
+            daemon.ok("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+            daemon.ok("block-export-add", type="nbd", id="e0", writable=True,
+                      **{"node-name": "r0"})  # fmt: skip
+            daemon.ok("block-export-add", type="nbd", id="e1", **{"node-name": "copy"})
+        theirs = layout(qsd)
+        assert (theirs["d.raw"], theirs["c.raw"]) == ([100, 101, 203], [100, 203])
+        assert layout(ours) == theirs
+        backup = {"device": "r0", "target": "copy", "sync": "none", "job-id": "j0"}
+        for daemon in (qsd, ours):
+            daemon.ok("block-export-del", id="e1")
+            daemon.event("BLOCK_EXPORT_DELETED")
+            daemon.ok("blockdev-backup", **backup)
+        theirs = layout(qsd)
+        assert layout(ours) == theirs

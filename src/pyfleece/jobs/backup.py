@@ -134,7 +134,10 @@ class BackupJob(Job):
         """
         holder = self.filter_holder
         try:
-            locking.claim(self.source, Claim(holder, "file", locking.NONE, locking.SHARED_READ))
+            locking.claim(
+                self.source,
+                Claim(holder, "file", locking.NONE, locking.SHARED_READ, interposed=True),
+            )
             shared = locking.ALL & ~locking.Perm.RESIZE
             locking.claim(self.target, Claim(holder, "target", locking.Perm.WRITE, shared))
         except (PermissionConflict, LockConflict) as err:

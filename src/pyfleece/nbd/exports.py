@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from pyfleece.block import locking
 from pyfleece.block.node import Node, Ref
 from pyfleece.errors import ConfigError
 from pyfleece.nbd import meta
@@ -149,7 +150,18 @@ class Export:
             return list(self._sessions)
 
     def hold(self, on_release: Callable[[], None]) -> None:
-        """Takes the soft reference on the node; ``on_release`` runs on drive deletion."""
+        """Claims the node's permissions as QEMU's exports do (read, and write when
+        writable; resize unshared), then takes the soft reference on the node;
+        ``on_release`` runs on drive deletion.
+
+        Raises:
+            PermissionConflict, LockConflict: another user forbids those permissions.
+        """
+        perm = locking.Perm.CONSISTENT_READ
+        if self.writable:
+            perm |= locking.Perm.WRITE
+        shared = locking.ALL & ~locking.Perm.RESIZE
+        locking.claim(self.node, locking.Claim(self._holder, "root", perm, shared))
         self.ref = self.node.add_ref(
             f"NBD export '{self.id}'",
             f"block device is in use by block export '{self.id}'",
@@ -157,9 +169,15 @@ class Export:
             on_release=on_release,
         )
 
+    @property
+    def _holder(self) -> str:
+        return f"block export '{self.id}'"
+
     def release(self) -> None:
         if self.ref is not None:
             self.ref.release()
+            self.ref = None
+        locking.release(self.node, self._holder, "root")
 
     def info(self) -> dict[str, Any]:
         """QEMU's BlockExportInfo for ``query-block-exports``."""

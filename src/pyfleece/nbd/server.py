@@ -234,6 +234,8 @@ class NbdServer:
         Raises:
             ExportExists: the id or the name is taken.
             ExportError: the options are invalid.
+            PermissionConflict, LockConflict: the node's other users (in this process or
+                another) forbid what the export needs.
         """
         options.setdefault("multi_conn", self.max_connections != 1)
         export = Export(node, node.node_name if name is None else name, **options)
@@ -245,7 +247,12 @@ class NbdServer:
             if any(e.name == export.name for e in self._exports.values()):
                 raise ExportExists(f"NBD server already has export named '{export.name}'")
             self._exports[export.id] = export
-        export.hold(lambda: self._released(export))
+        try:
+            export.hold(lambda: self._released(export))
+        except BaseException:
+            with self._lock:
+                self._exports.pop(export.id, None)
+            raise
         log.info("export '%s' added (node '%s')", export.name, node.node_name)
         return export
 
