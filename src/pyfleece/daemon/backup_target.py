@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from pyfleece.block import locking
 from pyfleece.block.qcow2.create import CreateOptions, create_image
 from pyfleece.daemon.nodeinfo import filename
 from pyfleece.errors import CommandError, PyfleeceError
@@ -67,8 +68,11 @@ def _create(path: str, fmt: str, source: Node, sync: str) -> None:
         elif fmt == "raw":
             if sync == "none":  # a snapshot needs the source as backing: raw has none
                 raise CommandError("Backing file not supported for file format 'raw'")
-            with open(path, "wb") as f:
-                f.truncate(source.size)
+            fd = locking.open_for_create(path)  # refuses an image another process holds
+            try:
+                os.ftruncate(fd, source.size)
+            finally:
+                os.close(fd)
         else:
             raise CommandError(f"Cannot create images in format '{fmt}'")
     except OSError as err:
