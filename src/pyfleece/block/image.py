@@ -8,7 +8,6 @@ A name may also be an NBD URI (``nbd://``, ``nbd+unix://``, ``nbds://``) or QEMU
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -78,6 +77,8 @@ def open_image(
 
 
 def _json_options(filename: str) -> dict[str, Any]:
+    import json  # here: rarely needed, and the short-lived tools' start-up time counts
+
     try:
         value = json.loads(filename[len("json:") :])
     except json.JSONDecodeError as err:

@@ -4,7 +4,8 @@
 driver's machinery (caches, copy-on-write, crash ordering, concurrency): this writer hands
 out host clusters in sequence as data first arrives for a guest cluster (an L2 table just
 before the first data cluster it maps, as QEMU places them), writes data straight to the
-file with ``pwritev``, keeps the current L2 table in memory, and at the end writes the L2
+file with ``pwritev`` (each range allocated just before with ``fallocate``, see
+``copy.Preallocate``), keeps the current L2 table in memory, and at the end writes the L2
 and L1 tables and gives the image a fresh refcount structure
 (``create.write_refcount_structure``). Guest clusters that only ever receive zeros stay
 unallocated (or become zero clusters when a backing file would otherwise show through).
@@ -19,13 +20,13 @@ L1 and L2 entry that points to a cluster.
 
 from __future__ import annotations
 
-import os
 from array import array
 
 from pyfleece.block.file import FileNode
 from pyfleece.block.qcow2 import create
 from pyfleece.block.qcow2.create import write_refcount_structure
 from pyfleece.block.qcow2.format import OFLAG_COPIED, OFLAG_ZERO, Header
+from pyfleece.img.targets import Preallocate, pwritev_all, slice_views
 
 
 class Qcow2Stream:
@@ -37,6 +38,7 @@ class Qcow2Stream:
         self.header: Header = plan.header
         self.file = FileNode("#convert-target", path, read_only=False)
         self.fd = self.file.fd
+        self.preallocate = Preallocate(self.fd)
         h = self.header
         self.cb, self.cs = h.cluster_bits, h.cluster_size
         self.l2_bits = self.cb - 3
@@ -93,9 +95,9 @@ class Qcow2Stream:
         self.last_cluster, self.last_host = cluster, entry & ~OFLAG_COPIED
         return self.last_host
 
-    def reserve(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+    def _reserve(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """Allocates the clusters of a range about to be written (in guest order, at or after
-        everything reserved so far); returns its (guest start, length, host) runs."""
+        everything written so far); returns its (guest start, length, host) runs."""
         cs, end = self.cs, offset + length
         runs: list[tuple[int, int, int]] = []
         pos = offset
@@ -110,14 +112,18 @@ class Qcow2Stream:
             pos += n
         return runs
 
-    def write(self, offset: int, data: memoryview, reservation: object) -> None:
-        """Writes reserved guest data; may run in several threads at once."""
-        runs = reservation if isinstance(reservation, list) else self.reserve(offset, len(data))
+    def write(self, offset: int, data: list[memoryview]) -> None:
+        """Writes guest data (the buffers one after the other) at or after everything
+        written so far."""
+        runs = self._reserve(offset, sum(len(view) for view in data))
         for start, count, host in runs:
-            piece = data[start - offset : start - offset + count]
-            done = 0
-            while done < count:
-                done += os.pwritev(self.fd, [piece[done:]], host + done)
+            views = (
+                data
+                if len(runs) == 1
+                else slice_views(data, start - offset, start + count - offset)
+            )
+            self.preallocate(host, count)
+            pwritev_all(self.fd, views, host)
 
     def zero(self, offset: int, length: int) -> None:
         """Makes [offset, offset + length) read as zeros."""
@@ -131,7 +137,7 @@ class Qcow2Stream:
                 cluster = pos >> self.cb
                 self._table(cluster)[cluster & ((1 << self.l2_bits) - 1)] = OFLAG_ZERO
             else:
-                self.write(pos, memoryview(bytes(n)), None)
+                self.write(pos, [memoryview(bytes(n))])
             pos += n
 
     def finish(self) -> None:

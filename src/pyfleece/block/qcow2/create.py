@@ -151,11 +151,15 @@ class _Allocator:
         return self.refblocks[self.reftable[index]][cluster & (self.rb_entries - 1)]
 
     def _table_bytes(self) -> bytes:
-        return b"".join(entry.to_bytes(8, "big") for entry in self.reftable)
+        return struct.pack(f">{len(self.reftable)}Q", *self.reftable)
 
     def refblock_bytes(self, offset: int) -> bytes:
+        values = self.refblocks[offset]
+        if self.codec.bits >= 8:  # whole bytes: one pack (rb_entries * bits / 8 == cs)
+            code = {8: "B", 16: "H", 32: "I", 64: "Q"}[self.codec.bits]
+            return struct.pack(f">{len(values)}{code}", *values)
         block = bytearray(self.cs)
-        for index, value in enumerate(self.refblocks[offset]):
+        for index, value in enumerate(values):
             if value:
                 self.codec.set(block, index, value)
         return bytes(block)
