@@ -29,7 +29,7 @@ import os
 import struct
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyfleece.block.node import Node
 from pyfleece.block.qcow2.format import (
@@ -55,8 +55,7 @@ REFTABLE_AT = 48  # header bytes 48..59: refcount table offset u64 | clusters u3
 V3_SUFFIX = " (use version=v3 or greater)"
 
 
-@dataclass(frozen=True)
-class CreateOptions:
+class CreateOptions(NamedTuple):
     """What ``qemu-img create -f qcow2`` accepts (its ``-o`` options, already typed)."""
 
     size: int
@@ -308,8 +307,7 @@ def refcount_blocks_needed(clusters: int, cluster_size: int, order: int, generou
     return blocks
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """The writes that make the image, in order, and the header they end with."""
 
     header: Header
@@ -352,7 +350,7 @@ def plan_image(opts: CreateOptions) -> Plan:
     """
     validate(opts)
     size = -(-opts.size // 512) * 512
-    opts = CreateOptions(**{**opts.__dict__, "size": size})
+    opts = opts._replace(size=size)
     cluster_bits = opts.cluster_size.bit_length() - 1
     alloc = _Allocator(cluster_bits, opts.refcount_bits.bit_length() - 1)
     if alloc.alloc(3 * alloc.cs) != 0:
