@@ -52,8 +52,6 @@ class Qcow2Stream:
         self.used += range(h.l1_table_offset // cs, -(-l1_end // cs)) if h.l1_size else []
         self.l2_index = -1
         self.l2 = array("Q")
-        self.last_cluster = -1
-        self.last_host = 0
 
     @property
     def zero_init(self) -> bool:
@@ -61,6 +59,7 @@ class Qcow2Stream:
         return not self.backed
 
     def _alloc(self) -> int:
+        """The next host cluster, for an L2 table (data clusters: ``_reserve``)."""
         host = self.next_host
         self.next_host += self.cs
         self.used.append(host >> self.cb)
@@ -82,34 +81,38 @@ class Qcow2Stream:
             table.byteswap()
             self.file.write(self.l1[self.l2_index] & ~OFLAG_COPIED, table.tobytes())
 
-    def _host(self, cluster: int) -> int:
-        """The host cluster holding guest ``cluster``, allocated on first use."""
-        if cluster == self.last_cluster:
-            return self.last_host
-        table = self._table(cluster)
-        slot = cluster & ((1 << self.l2_bits) - 1)
-        entry = table[slot]
-        if entry & ~(OFLAG_COPIED | OFLAG_ZERO) == 0:
-            entry = self._alloc() | OFLAG_COPIED
-            table[slot] = entry
-        self.last_cluster, self.last_host = cluster, entry & ~OFLAG_COPIED
-        return self.last_host
-
     def _reserve(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """Allocates the clusters of a range about to be written (in guest order, at or after
-        everything written so far); returns its (guest start, length, host) runs."""
-        cs, end = self.cs, offset + length
+        everything written so far); returns its (guest start, length, host) runs.
+
+        The loop runs once per cluster (thousands per second of copying), so it works on
+        the current L2 table directly, one table at a time.
+        """
+        cb, cs = self.cb, self.cs
+        mask = (1 << self.l2_bits) - 1
+        end = offset + length
         runs: list[tuple[int, int, int]] = []
+        run_start = run_host = run_end = -1
         pos = offset
         while pos < end:
-            host = self._host(pos >> self.cb) + (pos & (cs - 1))
-            n = min(end - pos, cs - (pos & (cs - 1)))
-            if runs and runs[-1][2] + runs[-1][1] == host:
-                start, count, first = runs[-1]
-                runs[-1] = (start, count + n, first)
-            else:
-                runs.append((pos, n, host))
-            pos += n
+            first = pos >> cb
+            table = self._table(first)  # an L2 table goes before the clusters it maps
+            for cluster in range(first, min((end - 1) >> cb, first | mask) + 1):
+                entry = table[cluster & mask]
+                if entry & ~(OFLAG_COPIED | OFLAG_ZERO) == 0:
+                    entry = self.next_host | OFLAG_COPIED
+                    table[cluster & mask] = entry
+                    self.used.append(self.next_host >> cb)
+                    self.next_host += cs
+                host = (entry & ~OFLAG_COPIED) + (pos & (cs - 1))
+                nxt = min(end, (cluster + 1) << cb)
+                if host != run_end:
+                    if run_start >= 0:
+                        runs.append((run_start, pos - run_start, run_host))
+                    run_start, run_host = pos, host
+                run_end = host + nxt - pos
+                pos = nxt
+        runs.append((run_start, pos - run_start, run_host))
         return runs
 
     def write(self, offset: int, data: list[memoryview]) -> None:
