@@ -9,7 +9,6 @@ arrays). A first item without ``=`` is the value of the command's implied key, a
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -134,6 +133,8 @@ def parse_json_or_keyval(text: str, implied_key: str | None = None) -> dict[str,
     Raises:
         ConfigError: on invalid JSON, or JSON that is not an object.
     """
+    import json  # here: the short-lived tools' start-up time counts
+
     if text.lstrip().startswith("{"):
         try:
             value = json.loads(text)

@@ -12,12 +12,11 @@ file description; ``force-share`` (inherited from the open) makes it unshare not
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
 
 from pyfleece.block import locking
 from pyfleece.block.node import Extent, HostMapping, Node
@@ -29,16 +28,48 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
+_fallocate: Callable[[int, int, int, int], int] | None = None
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with mode flags, which ``os`` does not expose."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+    """fallocate(2) with mode flags, which ``os`` does not expose.
+
+    libc's function is looked up on first use: ``ctypes`` costs start-up time every
+    command would pay, and ``ctypes.util.find_library`` even runs ``ldconfig``. The
+    process's own symbol table (``CDLL(None)``) holds libc's ``fallocate``.
+    """
+    global _fallocate
+    import ctypes
+
+    if _fallocate is None:
+        func = ctypes.CDLL(None, use_errno=True).fallocate
+        func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        func.restype = ctypes.c_int
+        _fallocate = func
+    if _fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+#: ``filesystem_type`` of ext2, ext3 and ext4 (EXT4_SUPER_MAGIC)
+EXT4_MAGIC = 0xEF53
+
+
+def filesystem_type(fd: int) -> int:
+    """The ``f_type`` fstatfs(2) reports for the filesystem holding ``fd`` (``os.statvfs``
+    leaves it out), such as ``EXT4_MAGIC``.
+
+    Raises:
+        OSError: fstatfs failed.
+    """
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buf).value  # f_type comes first, a long
 
 
 class FileNode(Node):

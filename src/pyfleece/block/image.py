@@ -14,7 +14,6 @@ share everything, so images other processes hold open for writing can still be r
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -114,6 +113,8 @@ def claim_as_tool(node: Node, *, writable: bool, stable: bool = False) -> None:
 
 
 def _json_options(filename: str) -> dict[str, Any]:
+    import json  # here: rarely needed, and the short-lived tools' start-up time counts
+
     try:
         value = json.loads(filename[len("json:") :])
     except json.JSONDecodeError as err:

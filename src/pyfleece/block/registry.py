@@ -4,14 +4,17 @@ Options have QEMU's ``blockdev-add`` shape: ``{"driver": "qcow2", "node-name": "
 "file": {"driver": "file", "filename": "a.qcow2"}, "backing": "base"}``. A child given as a
 dict is opened on the spot and owned by its parent (closed with it); a child given as a
 string names a node already in the graph, which the parent then references.
+
+Driver modules are imported on first use (``_MODULES``), so that a command opening plain
+files never pays for the NBD client and its TLS stack; ``drivers()`` still lists them all.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pyfleece.block.options import Options
@@ -22,7 +25,6 @@ if TYPE_CHECKING:
     from pyfleece.block.node import Node
 
 
-@dataclass
 class OpenContext:
     """What a driver's opener may use besides its own options.
 
@@ -33,14 +35,30 @@ class OpenContext:
             that a chain that loops back on itself is refused.
     """
 
-    graph: Graph | None = None
-    read_only: bool = False
-    chain: tuple[str, ...] = field(default_factory=tuple)
+    __slots__ = ("chain", "graph", "read_only")
+
+    def __init__(
+        self, graph: Graph | None = None, read_only: bool = False, chain: tuple[str, ...] = ()
+    ) -> None:
+        self.graph = graph
+        self.read_only = read_only
+        self.chain = chain
 
 
 Opener = Callable[[Options, str, OpenContext], "Node"]
 
 _DRIVERS: dict[str, Opener] = {}
+#: driver name -> the module whose import registers it
+_MODULES: dict[str, str] = {
+    "fault": "pyfleece.block.fault",
+    "file": "pyfleece.block.file",
+    "host_device": "pyfleece.block.file",
+    "memory": "pyfleece.block.memory",
+    "nbd": "pyfleece.block.nbd",
+    "null-co": "pyfleece.block.null",
+    "qcow2": "pyfleece.block.qcow2.driver",
+    "raw": "pyfleece.block.raw",
+}
 _names = itertools.count(1)
 _names_lock = threading.Lock()
 
@@ -59,8 +77,8 @@ def register(name: str) -> Callable[[Opener], Opener]:
 
 
 def drivers() -> list[str]:
-    _load_drivers()
-    return sorted(_DRIVERS)
+    """Every driver name that ``open_node`` accepts (without importing the drivers)."""
+    return sorted(_DRIVERS.keys() | _MODULES.keys())
 
 
 def auto_node_name() -> str:
@@ -77,11 +95,10 @@ def open_node(options: dict[str, Any], ctx: OpenContext | None = None) -> Node:
         ImageError: the image cannot be used.
         BlockError, OSError-derived errors: the file cannot be opened.
     """
-    _load_drivers()
     ctx = ctx or OpenContext()
     opts = Options(options, "Block node")
     driver = opts.get_str("driver")
-    opener = _DRIVERS.get(driver)
+    opener = _opener(driver)
     if opener is None:
         raise ConfigError(f"Unknown driver '{driver}'")
     opts.where = f"Block format '{driver}'"
@@ -111,6 +128,10 @@ def open_child(value: Any, ctx: OpenContext, role: str) -> tuple[Node, bool]:
     raise ConfigError(f"Invalid parameter type for '{role}', expected: BlockdevRef")
 
 
-def _load_drivers() -> None:
-    """Imports the driver modules, whose decorators fill the table."""
-    import pyfleece.block.drivers  # noqa: F401  (its imports register every driver)
+def _opener(driver: str) -> Opener | None:
+    """The opener of ``driver``, importing its module the first time it is needed."""
+    opener = _DRIVERS.get(driver)
+    if opener is None and driver in _MODULES:
+        importlib.import_module(_MODULES[driver])  # its @register fills the table
+        opener = _DRIVERS.get(driver)
+    return opener

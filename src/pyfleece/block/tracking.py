@@ -12,7 +12,6 @@ round-trip each, and waiters are only woken when someone is waiting.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -24,15 +23,27 @@ class ReqKind(Enum):
     FLUSH = "flush"
 
 
-@dataclass(eq=False, slots=True)
 class TrackedRequest:
-    """One request in flight on a node; ``seq`` orders requests by start."""
+    """One request in flight on a node; ``seq`` orders requests by start.
 
-    seq: int
-    offset: int
-    length: int
-    kind: ReqKind
-    done: bool = field(default=False)
+    A plain class, not a dataclass: importing ``dataclasses`` (and ``inspect`` with it)
+    costs every short-lived command milliseconds, and every node needs this module.
+    """
+
+    __slots__ = ("done", "kind", "length", "offset", "seq")
+
+    def __init__(self, seq: int, offset: int, length: int, kind: ReqKind) -> None:
+        self.seq = seq
+        self.offset = offset
+        self.length = length
+        self.kind = kind
+        self.done = False
+
+    def __repr__(self) -> str:
+        return (
+            f"TrackedRequest(seq={self.seq}, offset={self.offset}, length={self.length}, "
+            f"kind={self.kind}, done={self.done})"
+        )
 
     def overlaps(self, offset: int, length: int) -> bool:
         return self.offset < offset + length and offset < self.offset + self.length

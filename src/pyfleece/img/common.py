@@ -12,7 +12,6 @@ Errors travel as ``Fail`` (a message and an exit status); ``main`` prints them o
 from __future__ import annotations
 
 import getopt
-import json
 import os
 import re
 import sys
@@ -79,7 +78,8 @@ def parse_args(
         raise Fail(f"unrecognized option '{dashed}'", usage=True) from err
 
 
-_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?)([bBkKmMgGtTpPeE]?)$")
+#: compiled on first use (``re`` caches it), not at every start-up
+_SIZE_RE = r"^\s*(0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?)([bBkKmMgGtTpPeE]?)$"
 _SCALE = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _SCALE |= {"t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 
@@ -89,7 +89,7 @@ def strtosz(text: str) -> int | None:
 
     Returns -1 for values that do not fit in 64 bits (qemu's ERANGE).
     """
-    match = _SIZE_RE.match(text)
+    match = re.match(_SIZE_RE, text)
     if not match:
         return None
     number, suffix = match.groups()
@@ -178,6 +178,8 @@ def qjson(value: Any) -> str:
 
 
 def _pretty(value: Any, level: int) -> str:
+    import json  # here: only the JSON outputs need it, and start-up time counts
+
     if isinstance(value, dict):
         items = [f"{json.dumps(k)}: {_pretty(v, level + 1)}" for k, v in value.items()]
         return _block("{", "}", items, level)

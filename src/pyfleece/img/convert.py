@@ -18,7 +18,7 @@ from pyfleece.block.node import Node
 from pyfleece.errors import ConfigError, PyfleeceError
 from pyfleece.img import create as img_create
 from pyfleece.img.common import Fail, cvtnum, describe, open_for, parse_args
-from pyfleece.img.copy import NodeTarget, RawTarget, Sources, Target, copy
+from pyfleece.img.copy import Target, copy
 from pyfleece.img.options import (
     FORMAT_OPTIONS,
     check_option_list,
@@ -29,6 +29,8 @@ from pyfleece.img.options import (
 )
 from pyfleece.img.progress import Progress
 from pyfleece.img.qcow2_stream import Qcow2Stream
+from pyfleece.img.sources import Sources
+from pyfleece.img.targets import NodeTarget, RawTarget
 
 HELP = """\
 usage: pyfleece img convert [-U] [-p] [-q] [-n] [-f fmt] [-O output_fmt]

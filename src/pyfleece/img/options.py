@@ -9,14 +9,13 @@ qemu-img's wording, and the "Formatting ..." line shows the options in qemu-img'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyfleece.img.common import Fail, strtosz
 from pyfleece.keyval import split_items
 
 
-@dataclass(frozen=True)
-class OptDesc:
+class OptDesc(NamedTuple):
     name: str
     kind: str  # "size", "number", "bool" or "str"
     help: str
@@ -90,13 +89,13 @@ def help_text(fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass
 class FormatOpts:
     """Options given for one format: raw text (for printing) and typed values."""
 
-    fmt: str
-    text: dict[str, str]
-    values: dict[str, int | bool | str]
+    def __init__(self, fmt: str, text: dict[str, str], values: dict[str, int | bool | str]) -> None:
+        self.fmt = fmt
+        self.text = text
+        self.values = values
 
     def get(self, name: str, default: int | bool | str | None = None) -> int | bool | str | None:
         return self.values.get(name, default)

@@ -4,7 +4,8 @@
 driver's machinery (caches, copy-on-write, crash ordering, concurrency): this writer hands
 out host clusters in sequence as data first arrives for a guest cluster (an L2 table just
 before the first data cluster it maps, as QEMU places them), writes data straight to the
-file with ``pwritev``, keeps the current L2 table in memory, and at the end writes the L2
+file with ``pwritev`` (each range allocated just before with ``fallocate``, see
+``copy.Preallocate``), keeps the current L2 table in memory, and at the end writes the L2
 and L1 tables and gives the image a fresh refcount structure
 (``create.write_refcount_structure``). Guest clusters that only ever receive zeros stay
 unallocated (or become zero clusters when a backing file would otherwise show through).
@@ -19,13 +20,13 @@ L1 and L2 entry that points to a cluster.
 
 from __future__ import annotations
 
-import os
 from array import array
 
 from pyfleece.block.file import FileNode
 from pyfleece.block.qcow2 import create
 from pyfleece.block.qcow2.create import write_refcount_structure
 from pyfleece.block.qcow2.format import OFLAG_COPIED, OFLAG_ZERO, Header
+from pyfleece.img.targets import Preallocate, pwritev_all, slice_views
 
 
 class Qcow2Stream:
@@ -37,6 +38,7 @@ class Qcow2Stream:
         self.header: Header = plan.header
         self.file = FileNode("#convert-target", path, read_only=False)
         self.fd = self.file.fd
+        self.preallocate = Preallocate(self.fd)
         h = self.header
         self.cb, self.cs = h.cluster_bits, h.cluster_size
         self.l2_bits = self.cb - 3
@@ -50,8 +52,6 @@ class Qcow2Stream:
         self.used += range(h.l1_table_offset // cs, -(-l1_end // cs)) if h.l1_size else []
         self.l2_index = -1
         self.l2 = array("Q")
-        self.last_cluster = -1
-        self.last_host = 0
 
     @property
     def zero_init(self) -> bool:
@@ -59,6 +59,7 @@ class Qcow2Stream:
         return not self.backed
 
     def _alloc(self) -> int:
+        """The next host cluster, for an L2 table (data clusters: ``_reserve``)."""
         host = self.next_host
         self.next_host += self.cs
         self.used.append(host >> self.cb)
@@ -80,44 +81,52 @@ class Qcow2Stream:
             table.byteswap()
             self.file.write(self.l1[self.l2_index] & ~OFLAG_COPIED, table.tobytes())
 
-    def _host(self, cluster: int) -> int:
-        """The host cluster holding guest ``cluster``, allocated on first use."""
-        if cluster == self.last_cluster:
-            return self.last_host
-        table = self._table(cluster)
-        slot = cluster & ((1 << self.l2_bits) - 1)
-        entry = table[slot]
-        if entry & ~(OFLAG_COPIED | OFLAG_ZERO) == 0:
-            entry = self._alloc() | OFLAG_COPIED
-            table[slot] = entry
-        self.last_cluster, self.last_host = cluster, entry & ~OFLAG_COPIED
-        return self.last_host
-
-    def reserve(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+    def _reserve(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """Allocates the clusters of a range about to be written (in guest order, at or after
-        everything reserved so far); returns its (guest start, length, host) runs."""
-        cs, end = self.cs, offset + length
+        everything written so far); returns its (guest start, length, host) runs.
+
+        The loop runs once per cluster (thousands per second of copying), so it works on
+        the current L2 table directly, one table at a time.
+        """
+        cb, cs = self.cb, self.cs
+        mask = (1 << self.l2_bits) - 1
+        end = offset + length
         runs: list[tuple[int, int, int]] = []
+        run_start = run_host = run_end = -1
         pos = offset
         while pos < end:
-            host = self._host(pos >> self.cb) + (pos & (cs - 1))
-            n = min(end - pos, cs - (pos & (cs - 1)))
-            if runs and runs[-1][2] + runs[-1][1] == host:
-                start, count, first = runs[-1]
-                runs[-1] = (start, count + n, first)
-            else:
-                runs.append((pos, n, host))
-            pos += n
+            first = pos >> cb
+            table = self._table(first)  # an L2 table goes before the clusters it maps
+            for cluster in range(first, min((end - 1) >> cb, first | mask) + 1):
+                entry = table[cluster & mask]
+                if entry & ~(OFLAG_COPIED | OFLAG_ZERO) == 0:
+                    entry = self.next_host | OFLAG_COPIED
+                    table[cluster & mask] = entry
+                    self.used.append(self.next_host >> cb)
+                    self.next_host += cs
+                host = (entry & ~OFLAG_COPIED) + (pos & (cs - 1))
+                nxt = min(end, (cluster + 1) << cb)
+                if host != run_end:
+                    if run_start >= 0:
+                        runs.append((run_start, pos - run_start, run_host))
+                    run_start, run_host = pos, host
+                run_end = host + nxt - pos
+                pos = nxt
+        runs.append((run_start, pos - run_start, run_host))
         return runs
 
-    def write(self, offset: int, data: memoryview, reservation: object) -> None:
-        """Writes reserved guest data; may run in several threads at once."""
-        runs = reservation if isinstance(reservation, list) else self.reserve(offset, len(data))
+    def write(self, offset: int, data: list[memoryview]) -> None:
+        """Writes guest data (the buffers one after the other) at or after everything
+        written so far."""
+        runs = self._reserve(offset, sum(len(view) for view in data))
         for start, count, host in runs:
-            piece = data[start - offset : start - offset + count]
-            done = 0
-            while done < count:
-                done += os.pwritev(self.fd, [piece[done:]], host + done)
+            views = (
+                data
+                if len(runs) == 1
+                else slice_views(data, start - offset, start + count - offset)
+            )
+            self.preallocate(host, count)
+            pwritev_all(self.fd, views, host)
 
     def zero(self, offset: int, length: int) -> None:
         """Makes [offset, offset + length) read as zeros."""
@@ -131,7 +140,7 @@ class Qcow2Stream:
                 cluster = pos >> self.cb
                 self._table(cluster)[cluster & ((1 << self.l2_bits) - 1)] = OFLAG_ZERO
             else:
-                self.write(pos, memoryview(bytes(n)), None)
+                self.write(pos, [memoryview(bytes(n))])
             pos += n
 
     def finish(self) -> None:

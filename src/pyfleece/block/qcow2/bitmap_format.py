@@ -7,8 +7,8 @@ allocate without bound.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntFlag
+from typing import NamedTuple
 
 from pyfleece.block.qcow2.format import BITMAPS_EXTENSION, align_up
 from pyfleece.errors import CorruptImage
@@ -30,15 +30,13 @@ MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY = MAX_BITMAPS * 1024
 
 
-@dataclass(frozen=True)
-class BitmapsExtension:
+class BitmapsExtension(NamedTuple):
     nb_bitmaps: int
     directory_size: int
     directory_offset: int
 
 
-@dataclass(frozen=True)
-class BitmapEntry:
+class BitmapEntry(NamedTuple):
     """One bitmap directory entry; ``position`` is its byte offset inside the directory."""
 
     position: int

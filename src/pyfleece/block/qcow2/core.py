@@ -17,7 +17,6 @@ while a table on disk still points to the cluster.
 from __future__ import annotations
 
 import errno
-import logging
 import threading
 from array import array
 from collections.abc import Iterator
@@ -39,8 +38,6 @@ from pyfleece.block.qcow2.refcounts import Refcounts
 from pyfleece.block.qcow2.snapshot_format import MAX_SNAPSHOT_TABLE, snapshot_extents
 from pyfleece.block.tracking import ReqKind
 from pyfleece.errors import BlockError, CorruptImage, ImageError
-
-log = logging.getLogger(__name__)
 
 _ZEROS = memoryview(bytes(1 << 20))
 
@@ -367,4 +364,7 @@ class Qcow2Core(Node):
             if self.rc.dirty():  # the releases the first pass applied
                 self._writeback()
         except (ImageError, BlockError, OSError) as err:
+            import logging  # here only: short-lived tools do not import logging at all
+
+            log = logging.getLogger(__name__)
             log.warning("%s: metadata not written back at close: %s", self.node_name, err)

@@ -29,7 +29,7 @@ import os
 import struct
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyfleece.block import locking
 from pyfleece.block.node import Node
@@ -56,8 +56,7 @@ REFTABLE_AT = 48  # header bytes 48..59: refcount table offset u64 | clusters u3
 V3_SUFFIX = " (use version=v3 or greater)"
 
 
-@dataclass(frozen=True)
-class CreateOptions:
+class CreateOptions(NamedTuple):
     """What ``qemu-img create -f qcow2`` accepts (its ``-o`` options, already typed)."""
 
     size: int
@@ -152,11 +151,15 @@ class _Allocator:
         return self.refblocks[self.reftable[index]][cluster & (self.rb_entries - 1)]
 
     def _table_bytes(self) -> bytes:
-        return b"".join(entry.to_bytes(8, "big") for entry in self.reftable)
+        return struct.pack(f">{len(self.reftable)}Q", *self.reftable)
 
     def refblock_bytes(self, offset: int) -> bytes:
+        values = self.refblocks[offset]
+        if self.codec.bits >= 8:  # whole bytes: one pack (rb_entries * bits / 8 == cs)
+            code = {8: "B", 16: "H", 32: "I", 64: "Q"}[self.codec.bits]
+            return struct.pack(f">{len(values)}{code}", *values)
         block = bytearray(self.cs)
-        for index, value in enumerate(self.refblocks[offset]):
+        for index, value in enumerate(values):
             if value:
                 self.codec.set(block, index, value)
         return bytes(block)
@@ -305,8 +308,7 @@ def refcount_blocks_needed(clusters: int, cluster_size: int, order: int, generou
     return blocks
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """The writes that make the image, in order, and the header they end with."""
 
     header: Header
@@ -349,7 +351,7 @@ def plan_image(opts: CreateOptions) -> Plan:
     """
     validate(opts)
     size = -(-opts.size // 512) * 512
-    opts = CreateOptions(**{**opts.__dict__, "size": size})
+    opts = opts._replace(size=size)
     cluster_bits = opts.cluster_size.bit_length() - 1
     alloc = _Allocator(cluster_bits, opts.refcount_bits.bit_length() - 1)
     if alloc.alloc(3 * alloc.cs) != 0:

@@ -31,7 +31,6 @@ from pyfleece.block.image import image_options, is_uri
 from pyfleece.block.node import Node
 from pyfleece.block.options import Options
 from pyfleece.block.qcow2.bitmaps import bitmaps_info
-from pyfleece.block.qcow2.check import repair_dirty
 from pyfleece.block.qcow2.format import (
     Compat,
     CompressionType,
@@ -212,6 +211,8 @@ def _check_writable(header: Header, file: Node) -> Header:
         )
     if header.incompatible & Incompat.DIRTY:
         try:
+            from pyfleece.block.qcow2.check import repair_dirty  # rarely needed: lazily
+
             repair_dirty(file)
         except CorruptImage as err:
             raise CorruptImage(

@@ -8,8 +8,8 @@ these definitions; nothing here reads or writes a file.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
 from enum import IntEnum, IntFlag
+from typing import Any, NamedTuple
 
 from pyfleece.errors import CorruptImage, UnsupportedImage
 
@@ -101,20 +101,21 @@ FEATURE_NAMES: tuple[tuple[int, int, str], ...] = (
 FEATURE_ENTRY = struct.Struct(">BB46s")
 
 
-@dataclass(frozen=True)
-class Extension:
+class Extension(NamedTuple):
     """A header extension kept as raw bytes (unknown ones are preserved verbatim)."""
 
     type: int
     data: bytes
 
 
-@dataclass(frozen=True)
-class Header:
-    """The decoded qcow2 header and its extensions.
+class Header(NamedTuple):
+    """The decoded qcow2 header and its extensions (immutable: ``with_changes`` makes a
+    changed copy).
 
     ``extensions`` holds every extension except the backing format and the feature table,
     which are decoded into fields, in file order; ``feature_table`` is re-generated on write.
+    The value classes of this module are named tuples rather than dataclasses: the
+    ``dataclasses`` module (with ``inspect``) costs short-lived commands milliseconds.
     """
 
     version: int
@@ -136,7 +137,7 @@ class Header:
     header_length: int = V3_HEADER_LENGTH_WITH_COMPRESSION
     compression_type: int = CompressionType.ZLIB
     extra_fields: bytes = b""  # unknown additional header fields past byte 105, preserved
-    extensions: tuple[Extension, ...] = field(default_factory=tuple)
+    extensions: tuple[Extension, ...] = ()
     has_feature_table: bool = True
 
     @property
@@ -147,8 +148,8 @@ class Header:
     def refcount_bits(self) -> int:
         return 1 << self.refcount_order
 
-    def with_changes(self, **changes: object) -> Header:
-        return replace(self, **changes)  # type: ignore[arg-type]
+    def with_changes(self, **changes: Any) -> Header:
+        return self._replace(**changes)
 
     def extension(self, kind: int) -> Extension | None:
         for ext in self.extensions:
@@ -424,8 +425,7 @@ def split_host_cluster(host_offset: int, cluster_bits: int, refcount_order: int)
     return cluster >> shift, cluster & ((1 << shift) - 1)
 
 
-@dataclass(frozen=True)
-class CompressedDescriptor:
+class CompressedDescriptor(NamedTuple):
     """Where a compressed cluster's data lies: its host offset and the bytes to read."""
 
     host_offset: int

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from pyfleece.block.node import Node
 from pyfleece.block.qcow2.format import (
@@ -36,12 +35,16 @@ from pyfleece.errors import CorruptImage
 FreeFn = Callable[[int, int], None]
 
 
-@dataclass
 class Snapshot:
     """Dirty metadata copied at one instant, to be written in order."""
 
-    tables: list[tuple[Table, int, bytes]] = field(default_factory=list)
-    l1: list[tuple[int, bytes]] = field(default_factory=list)
+    def __init__(
+        self,
+        tables: list[tuple[Table, int, bytes]] | None = None,
+        l1: list[tuple[int, bytes]] | None = None,
+    ) -> None:
+        self.tables = [] if tables is None else tables
+        self.l1 = [] if l1 is None else l1
 
     def __bool__(self) -> bool:
         return bool(self.tables or self.l1)
