@@ -37,9 +37,8 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from enum import IntFlag
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pyfleece.errors import ConfigError, GraphError, ImageError
 
@@ -88,8 +87,7 @@ class LockConflict(ImageError):
         self.hint = f"Is another process using the image [{filename}]?"
 
 
-@dataclass(frozen=True)
-class Claim:
+class Claim(NamedTuple):
     """One user's permissions on a node.
 
     Attributes:

@@ -121,7 +121,7 @@ def open_child(value: Any, ctx: OpenContext, role: str) -> tuple[Node, bool]:
             raise ConfigError(f"Cannot refer to node '{value}' here ({role})")
         node = ctx.graph.find(value)
         if node is None:
-            raise NodeNotFound(f"Cannot find device='' nor node-name='{value}'")
+            raise NodeNotFound(f"Cannot find device='{value}' nor node-name='{value}'")
         return node, False
     if isinstance(value, dict):
         return open_node(value, ctx), True

@@ -1,8 +1,8 @@
-"""Differences from qemu-storage-daemon 7.2 whose fix belongs outside ``daemon/``.
+"""Differences from qemu-storage-daemon 7.2 once found outside ``daemon/``, now fixed.
 
-Each test states what qsd does and fails today (``xfail(strict=True)``: the day the owning
-package is fixed, the test passes and the marker must go). The owning module is named in
-each reason.
+Each test states what qsd does and checks pyfleece does the same: the missing-child text,
+image locking, a backup's source as another backup's target, aborted transactions, and the
+resolver's error text. They were strict xfails until their owning modules were fixed.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ def _nodes(tmp_path: Path) -> list[str]:
     return args
 
 
-@pytest.mark.xfail(strict=True, reason="block/registry.py open_child: a missing child "
-                   "reference says device='' where QEMU says device='<name>'")  # fmt: skip
 def test_missing_child_reference_text(tmp_path: Path) -> None:
     with pair(tmp_path, [], images) as (qsd, ours):
         same(qsd, ours, "blockdev-add", driver="raw", file="nosuch", **{"node-name": "r"})
