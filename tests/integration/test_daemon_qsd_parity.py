@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 from tests.integration.test_daemon_qmp_vs_qsd import images, same
 from tests.integration.test_daemon_support import pair
 
