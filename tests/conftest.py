@@ -22,6 +22,20 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_module(name: str) -> object:
+    """Imports a peer's Python module (python3-libnbd's ``nbd``); in CI a missing one fails
+    instead of skipping."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"Python module '{name}' is missing (run 'make test' to install it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture
 def qemu_img() -> str:
     return require_tool("qemu-img")

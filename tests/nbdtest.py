@@ -22,6 +22,7 @@ from pathlib import Path
 from pyfleece.block.node import Node
 from pyfleece.nbd import proto
 from pyfleece.nbd.server import NbdServer
+from tests.conftest import require_module  # noqa: F401  (re-exported for the NBD tests)
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 TIMEOUT = 10.0
@@ -344,19 +345,3 @@ def make_certs(root: Path, openssl: str) -> tuple[Path, Path, Path]:
     for d in (server, client, bare):
         (d / "ca-cert.pem").write_bytes(ca_cert.read_bytes())
     return server, client, bare
-
-
-def require_module(name: str) -> object:
-    """Imports a peer's Python module; in CI a missing one fails instead of skipping."""
-    import importlib
-
-    import pytest
-
-    from tests.conftest import IN_CI
-
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        if IN_CI:
-            pytest.fail(f"Python module '{name}' is missing")
-        pytest.skip(f"Python module '{name}' is missing")

@@ -17,14 +17,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from tests.conftest import require_tool
+from tests.conftest import require_module, require_tool
 from tests.support import PYFLEECE, run, running
 
-nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+nbd: Any = require_module("nbd")
 
 SIZE = 64 << 20
 SECONDS = 5.0

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 from qemu.qmp import QMPClient
 
 from tests.conftest import require_tool
@@ -106,8 +105,3 @@ def test_event_order_matches_qemu(tmp_path: Path) -> None:
     assert ours == theirs
     assert "BLOCK_JOB_CANCELLED j0 backup len=16777216" in ours
     assert "BLOCK_JOB_COMPLETED j1 backup len=16777216" in ours
-
-
-@pytest.fixture(autouse=True)
-def _qmp_version() -> None:
-    pytest.importorskip("qemu.qmp")
