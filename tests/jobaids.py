@@ -4,11 +4,10 @@ helper with a deadline (the only way these tests wait for a state another thread
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 from pyfleece.events import Event, EventBus
+from tests.support import wait_until  # noqa: F401  (re-exported for the job tests)
 
 
 class Recorder:
@@ -50,14 +49,3 @@ class Recorder:
     def named(self, name: str) -> list[dict[str, Any]]:
         with self._cond:
             return [e.data for e in self.events if e.name == name]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Polls ``condition`` until it holds; fails after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(delay)  # polling interval, not synchronisation: the condition decides
-        delay = min(delay * 2, 0.02)

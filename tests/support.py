@@ -23,15 +23,15 @@ class Timeout(AssertionError):
     pass
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
     """Polls ``condition`` until it holds; fails the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    delay = 0.001
+    delay = 0.0005
     while not condition():
         if time.monotonic() > deadline:
-            raise Timeout(f"timed out after {timeout} s waiting for {what}")
+            raise Timeout(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(delay)  # polling interval, not synchronisation: the condition decides
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, 0.02)
 
 
 @contextmanager

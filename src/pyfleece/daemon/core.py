@@ -10,7 +10,6 @@ node, then end the monitor sessions (so ``quit`` still gets its reply) and remov
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ from pyfleece.monitor.core import create_dispatcher
 from pyfleece.monitor.dispatch import Dispatcher
 from pyfleece.monitor.options import ChardevSpec, MonitorSpec, parse_chardev, parse_monitor
 from pyfleece.monitor.server import MonitorServer
+from pyfleece.pidfile import write_pidfile
 
 log = logging.getLogger(__name__)
 
@@ -168,24 +168,14 @@ class Daemon:
                     log.error("shutdown: flush of %s failed: %s", node.node_name, err)
 
 
-def write_pidfile(path: str) -> None:
-    """Writes the pid atomically (a reader never sees an empty or partial file).
+def write_daemon_pidfile(path: str) -> None:
+    """Writes the pidfile (see pyfleece.pidfile).
 
     Raises:
         ConfigError: the file cannot be written (QEMU's wording).
     """
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+        write_pidfile(path)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         reason = os.strerror(err.errno or 5)
         raise ConfigError(f"cannot create PID file: Could not create '{path}': {reason}") from err
-
-
-def remove_pidfile(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -15,8 +15,9 @@ import sys
 
 from pyfleece import __version__
 from pyfleece.daemon.args import USAGE, parse_args
-from pyfleece.daemon.core import Daemon, remove_pidfile, write_pidfile
+from pyfleece.daemon.core import Daemon, write_daemon_pidfile
 from pyfleece.errors import PyfleeceError
+from pyfleece.pidfile import remove_pidfile
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> int:
                 raise PyfleeceError(f"--{action.kind} {action.text}: {err}") from err
         daemon.start_monitors()
         if args.pidfile:
-            write_pidfile(args.pidfile)
+            write_daemon_pidfile(args.pidfile)
     except PyfleeceError as err:
         sys.stderr.write(f"pyfleece daemon: {err}\n{_hint(err)}")
         daemon.shutdown()

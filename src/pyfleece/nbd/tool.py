@@ -33,6 +33,7 @@ from pyfleece.errors import PyfleeceError
 from pyfleece.nbd import tls
 from pyfleece.nbd.proto import MAX_STRING
 from pyfleece.nbd.server import NbdServer
+from pyfleece.pidfile import write_pidfile
 
 PROG = "pyfleece nbd"
 
@@ -343,11 +344,8 @@ def _listen(server: NbdServer, config: Config, port: int | None) -> None:
 def _write_pid_file(path: str | None) -> None:
     if not path:
         return
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+        write_pidfile(path)
     except OSError as err:
         raise UsageError(f"Failed to write pid file '{path}': {err.strerror}") from err
 
