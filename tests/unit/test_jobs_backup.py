@@ -40,11 +40,6 @@ def file_node(path: Path, name: str) -> FileNode:
     return FileNode(name, str(path), read_only=False)
 
 
-@pytest.fixture
-def bus() -> EventBus:
-    return EventBus()
-
-
 @pytest.mark.parametrize("kind", ["memory", "file"])
 def test_full_backup_equals_the_source(bus: EventBus, tmp_path: Path, kind: str) -> None:
     rec = Recorder(bus)

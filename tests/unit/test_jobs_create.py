@@ -11,14 +11,12 @@ child) and unshared by node '#blockM' (uses node 'r0' as 'file' child)."
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 
 from pyfleece.block import locking
 from pyfleece.block.memory import MemoryNode
 from pyfleece.errors import CommandError
-from pyfleece.events import EventBus
 from pyfleece.jobs import JobManager
 from tests.jobaids import Recorder
 from tests.overlay import OverlayNode
@@ -26,23 +24,6 @@ from tests.overlay import OverlayNode
 SIZE = 1 << 20
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def bus() -> EventBus:
-    return EventBus()
-
-
-@pytest.fixture
-def rec(bus: EventBus) -> Recorder:
-    return Recorder(bus)
-
-
-@pytest.fixture
-def jobs(bus: EventBus) -> Iterator[JobManager]:
-    manager = JobManager(bus, verb_timeout=10)
-    yield manager
-    manager.shutdown(timeout=10)
 
 
 def test_created_jobs_run_only_when_started(jobs: JobManager, rec: Recorder) -> None:

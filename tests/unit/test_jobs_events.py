@@ -9,7 +9,6 @@ JOB_STATUS_CHANGE events appear as their status, the others by name.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,7 +16,6 @@ from pyfleece.block.fault import FaultNode, Rule
 from pyfleece.block.memory import MemoryNode
 from pyfleece.block.node import Node
 from pyfleece.errors import CommandError
-from pyfleece.events import EventBus
 from pyfleece.jobs import JobManager
 from tests.jobaids import Recorder, wait_until
 from tests.overlay import OverlayNode
@@ -26,23 +24,6 @@ MiB = 1 << 20
 SIZE = 4 * MiB
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def bus() -> EventBus:
-    return EventBus()
-
-
-@pytest.fixture
-def rec(bus: EventBus) -> Recorder:
-    return Recorder(bus)
-
-
-@pytest.fixture
-def jobs(bus: EventBus) -> Iterator[JobManager]:
-    manager = JobManager(bus, verb_timeout=10)
-    yield manager
-    manager.shutdown(timeout=10)
 
 
 @pytest.fixture
