@@ -30,10 +30,19 @@ How it is kept:
   first), so neither side starves.
 - Attaching installs the guard, then the hook, then waits for the source's write requests
   that began before the hook was installed: when ``attach`` returns, the snapshot is taken.
+  Those writes are part of it: their hook (if they run it) copies nothing, and a copy that
+  would read a unit one of them is still writing waits for it first.
+- Detaching first gives the target its source back (new snapshot reads see the live disk)
+  and waits for the reads in flight through the guard, hook still installed, so a read that
+  began while the snapshot stood returns snapshot bytes; only then does copying stop
+  (``_claim`` claims nothing once detached, even for a hook a write already started) and
+  the copies in flight finish.
 
-Lock order: a thread never waits for anything while it holds a shared lock, and a claimer
-only waits for readers and for other claimers (who only wait for readers), so there are no
-cycles. Nothing sleeps to synchronise: every wait is on ``self._cond``.
+Lock order: a thread never waits for anything while it holds a shared lock; a claimer takes
+all its units at once, only when no other claim on them is in flight, and then waits only
+for readers; so there are no cycles. Nothing sleeps to synchronise: every wait is on
+``self._cond`` (or on the source's request tracker, for writes older than the snapshot,
+which wait for nothing here).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from pyfleece.block.node import Extent, Node, Ref
-from pyfleece.block.tracking import ReqKind
+from pyfleece.block.tracking import ReqKind, TrackedRequest
 from pyfleece.errors import BlockError
 from pyfleece.events import EventBus
 
@@ -125,40 +134,56 @@ class CopyBeforeWrite:
         self.waiting_readers = 0
         self.guard: SnapshotGuard | None = None
         self._backing_owned = False
-        self._attached = False
+        self._attached = False  # guarded by _cond
+        #: The snapshot instant: writes the source began before it are part of the snapshot.
+        self._marker: TrackedRequest | None = None
+        self._settled = False  # no write that began before the marker is in flight
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def attach(self) -> None:
-        """Takes the snapshot: guard, hook, then waits out writes that began before it."""
+        """Takes the snapshot: guard, hook, then waits out writes that began before it.
+
+        Those writes are part of the snapshot: their own hook runs copy nothing, and a copy
+        that would read a unit one of them is still writing waits for it first.
+        """
         overlay = backed_by(self.target, self.source)
         if overlay is not None:
             self._backing_owned = overlay.children["backing"].owned
             self.guard = SnapshotGuard(self, overlay)
             self.skip_unallocated = False
             overlay.attach_child("backing", self.guard, owned=True)
+        with self._cond:
+            self._attached = True
         self.source.write_hooks = [*self.source.write_hooks, self._hook]
-        self._attached = True
         tracker = self.source.tracker
         marker = tracker.begin(0, 0, ReqKind.FLUSH)
+        with self._cond:
+            self._marker = marker
+            self._cond.notify_all()
         try:
             tracker.wait_overlapping(0, self.size, before=marker, kinds=_WRITE_KINDS)
         finally:
             tracker.end(marker)
+        self._settled = True
 
     def detach(self) -> None:
-        """Stops copying, waits for copies in flight (so the target may be deleted once
-        this returns), and gives the target its source back as ``backing``."""
-        if not self._attached:
-            return
-        self._attached = False
+        """Ends the snapshot: new snapshot reads go to the live disk, reads in flight
+        finish (still guarded: the hook stays until they have), then copying stops and
+        copies in flight finish, so the target may be deleted once this returns."""
+        with self._cond:
+            if not self._attached:
+                return
+        guard = self.guard
+        if guard is not None and guard.overlay.child("backing") is guard:
+            guard.overlay.attach_child("backing", self.source, owned=self._backing_owned)
+            guard.tracker.drain()
+        with self._cond:
+            self._attached = False  # from now on ``_claim`` claims nothing
         self.source.write_hooks = [h for h in self.source.write_hooks if h != self._hook]
         with self._cond:
             while self._claimed.find(1) >= 0:
                 self._cond.wait()
-        guard = self.guard
-        if guard is not None and guard.overlay.child("backing") is guard:
-            guard.overlay.attach_child("backing", self.source, owned=self._backing_owned)
 
     # -- progress ---------------------------------------------------------------------------
 
@@ -184,6 +209,8 @@ class CopyBeforeWrite:
         """Before-write hook on the source: copy what the request is about to change."""
         if length <= 0 or offset >= self.size:
             return
+        if not self._settled and self._before_snapshot():
+            return  # part of the snapshot: ``attach`` waits for it, copies wait for it
         first = offset // self.unit
         last = min((offset + length - 1) // self.unit, self.units - 1)
         if self._copied.find(0, first, last + 1) < 0:
@@ -195,6 +222,36 @@ class CopyBeforeWrite:
             if self.on_copy_error is not None:
                 self.on_copy_error(err)
             raise
+
+    def _snapshot_marker(self) -> TrackedRequest | None:
+        """The snapshot instant, once ``attach`` has taken it (None if detached first)."""
+        with self._cond:
+            while self._marker is None and self._attached:
+                self._cond.wait()
+            return self._marker
+
+    def _before_snapshot(self) -> bool:
+        """Whether the calling thread's write of the source began before the snapshot."""
+        marker = self._snapshot_marker()
+        mine = self.source.tracker.current(_WRITE_KINDS)
+        return marker is not None and mine is not None and mine.seq < marker.seq
+
+    def _wait_for_snapshot(self, first: int, last: int) -> None:
+        """Waits until no write that began before the snapshot is still changing units
+        [first, last] (they belong to the snapshot: a copy must see them whole)."""
+        marker = self._snapshot_marker()
+        if marker is None:
+            return
+        start, end = first * self.unit, min((last + 1) * self.unit, self.size)
+        with self._cond:
+            self.waiting_claims += 1
+        try:
+            self.source.tracker.wait_overlapping(
+                start, end - start, before=marker, kinds=_WRITE_KINDS
+            )
+        finally:
+            with self._cond:
+                self.waiting_claims -= 1
 
     def _report_io_error(self, err: CopyFailed) -> None:
         if self.bus is None:
@@ -228,6 +285,8 @@ class CopyBeforeWrite:
     # -- claims (exclusive) -----------------------------------------------------------------
 
     def _copy_units(self, first: int, last: int) -> int:
+        if not self._settled:
+            self._wait_for_snapshot(first, last)
         mine = self._claim(first, last)
         if not mine:
             return 0
@@ -241,29 +300,34 @@ class CopyBeforeWrite:
         return copied
 
     def _claim(self, first: int, last: int) -> list[int]:
-        """Claims the uncopied units of [first, last]; returns them once no reader holds
-        them and no other claim on the range is in flight."""
-        mine: set[int] = set()
+        """Claims the uncopied units of [first, last] all at once, when no other claim on
+        them is in flight; returns them once no reader holds them. Nothing once detached.
+
+        All at once: a claimer that held some units while it waited for another's claim
+        could wait for a claimer waiting for it (after a failed copy freed a unit).
+        """
         copied, claimed, readers = self._copied, self._claimed, self._readers
         with self._cond:
             while True:
-                others = False
-                for u in range(first, last + 1):
-                    if copied[u] or u in mine:
-                        continue
-                    if claimed[u]:
-                        others = True
-                    else:
-                        claimed[u] = 1
-                        mine.add(u)
-                if not others and not (readers and any(u in readers for u in mine)):
-                    self._local.mine = mine
-                    return sorted(mine)
-                self.waiting_claims += 1
-                try:
-                    self._cond.wait()
-                finally:
-                    self.waiting_claims -= 1
+                if not self._attached:
+                    return []
+                mine = [u for u in range(first, last + 1) if not copied[u]]
+                if not any(claimed[u] for u in mine):
+                    break
+                self._wait_as_claimer()
+            for u in mine:
+                claimed[u] = 1
+            while readers and any(u in readers for u in mine):
+                self._wait_as_claimer()
+            self._local.mine = set(mine)
+            return mine
+
+    def _wait_as_claimer(self) -> None:
+        self.waiting_claims += 1
+        try:
+            self._cond.wait()
+        finally:
+            self.waiting_claims -= 1
 
     def _release(self, mine: list[int], done: list[int]) -> None:
         self._local.mine = _NONE
@@ -416,6 +480,21 @@ class CopyBeforeWrite:
 #: Drivers that pass every request to one child unchanged (role "image" or "file"); the
 #: search for the overlay to guard goes down through them.
 FILTER_DRIVERS = frozenset({"fault"})
+
+
+def cluster_size_of(target: Node) -> int:
+    """The cluster size of ``target``, or of the node under its filters (``FILTER_DRIVERS``)
+    that has one; 0 if none does. The copy unit must cover whole clusters of the node that
+    allocates, or each copy would make it fill the rest of a cluster from its backing."""
+    node: Node | None = target
+    seen: set[int] = set()
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        size = int(getattr(node, "cluster_size", 0) or 0)
+        if size or node.driver not in FILTER_DRIVERS:
+            return size
+        node = node.child("image") or node.child("file")
+    return 0
 
 
 def backed_by(target: Node, source: Node) -> Node | None:

@@ -30,7 +30,7 @@ class TrackedRequest:
     costs every short-lived command milliseconds, and every node needs this module.
     """
 
-    __slots__ = ("done", "kind", "length", "offset", "seq")
+    __slots__ = ("done", "kind", "length", "offset", "seq", "thread")
 
     def __init__(self, seq: int, offset: int, length: int, kind: ReqKind) -> None:
         self.seq = seq
@@ -38,6 +38,9 @@ class TrackedRequest:
         self.length = length
         self.kind = kind
         self.done = False
+        #: The thread serving the request (``threading.get_ident``): a write hook, which
+        #: runs in that thread, finds its own request by it.
+        self.thread = threading.get_ident()
 
     def __repr__(self) -> str:
         return (
@@ -76,6 +79,16 @@ class RequestTracker:
         """A snapshot of the requests in flight, oldest first."""
         with self._cond:
             return sorted(self._inflight.values(), key=lambda r: r.seq)
+
+    def current(self, kinds: frozenset[ReqKind]) -> TrackedRequest | None:
+        """The request of one of ``kinds`` the calling thread has in flight here, if any
+        (a thread serves one write of a node at a time)."""
+        me = threading.get_ident()
+        with self._cond:
+            for req in self._inflight.values():
+                if req.thread == me and req.kind in kinds:
+                    return req
+        return None
 
     def wait_overlapping(
         self,

@@ -22,7 +22,12 @@ from __future__ import annotations
 from typing import Any
 
 from pyfleece.block import locking
-from pyfleece.block.copy_before_write import CopyBeforeWrite, CopyFailed, unit_size
+from pyfleece.block.copy_before_write import (
+    CopyBeforeWrite,
+    CopyFailed,
+    cluster_size_of,
+    unit_size,
+)
 from pyfleece.block.locking import Claim, LockConflict, PermissionConflict
 from pyfleece.block.node import Node, Ref
 from pyfleece.block.registry import auto_node_name
@@ -90,7 +95,7 @@ class BackupJob(Job):
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
         if cluster_size is None:
-            cluster_size = int(getattr(target, "cluster_size", 0) or 0)
+            cluster_size = cluster_size_of(target)
         self.cbw = CopyBeforeWrite(
             source,
             target,
