@@ -316,9 +316,13 @@ class Qcow2Core(Node):
             if frees.gen > self._durable_gen or frees.seq >= oldest:
                 keep.append(frees)
                 continue
+            # Each run leaves the list before it is applied: when a release fails (a
+            # refcount would drop below 0: a damaged image), the runs applied before it
+            # are never applied again, by a later write-back, to clusters reused since.
             runs = frees.runs
-            for i in range(0, len(runs), 2):
-                self.rc.release(runs[i], runs[i + 1])
+            while runs:
+                count = runs.pop()
+                self.rc.release(runs.pop(), count)
         self._pending = keep
 
     # -- write-back and flush -----------------------------------------------------------------
