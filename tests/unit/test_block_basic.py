@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import threading
 from pathlib import Path
 
@@ -201,3 +202,37 @@ def test_tracker_waits_for_overlap() -> None:
     gate.set()
     assert fault.tracker.wait_overlapping(0, 10, timeout=5)
     reader.join(5)
+
+
+@pytest.mark.parametrize("how", ["flush", "fua"])
+def test_file_flush_fails_for_good_once_fdatasync_failed(
+    raw_file: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """After a failed fdatasync the kernel may have marked the unwritten pages clean: the
+    next fdatasync succeeds without them. No later flush or FUA write may then report
+    success, or a write acknowledged as durable is lost."""
+    node = open_image(str(raw_file), read_only=False)
+    real = os.fdatasync
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def fdatasync(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    try:
+        node.write(0, b"\x11" * 4096)
+        with pytest.raises(BlockError) as first:
+            if how == "flush":
+                node.flush()
+            else:
+                node.write(4096, b"\x22" * 4096, fua=True)
+        assert first.value.errno == errno.EIO and not failures
+        with pytest.raises(BlockError) as again:
+            node.flush()
+        assert again.value.errno == errno.EIO
+        with pytest.raises(BlockError):
+            node.write(8192, b"\x33" * 4096, fua=True)
+    finally:
+        node.close()

@@ -95,6 +95,8 @@ class FileNode(Node):
         self._size_lock = threading.Lock()
         self._punch_ok = not self.is_block_device
         self._zero_range_ok = True
+        #: Set once fdatasync failed: from then on every flush fails (see ``_sync``).
+        self._sync_error: OSError | None = None
         self.locks = locking.ImageLocks(self.fd, filename) if lock else None
         self.force_share = locking.force_share()
 
@@ -133,7 +135,7 @@ class FileNode(Node):
             done += os.pwritev(self.fd, [data[done:]], offset + done)
         self._grew_to(offset + total)
         if fua:
-            os.fdatasync(self.fd)
+            self._sync()
 
     def _grew_to(self, end: int) -> None:
         if end > self._size:
@@ -146,7 +148,7 @@ class FileNode(Node):
             if offset + length > self._size:
                 super()._write_zeroes(self._size, offset + length - self._size, may_unmap, fua)
             elif fua:
-                os.fdatasync(self.fd)
+                self._sync()
             return
         super()._write_zeroes(offset, length, may_unmap, fua)
 
@@ -185,7 +187,21 @@ class FileNode(Node):
             self._punch_ok = False
 
     def _flush(self) -> None:
-        os.fdatasync(self.fd)
+        self._sync()
+
+    def _sync(self) -> None:
+        """fdatasync, failing for good once it has failed: Linux may then have marked the
+        pages it could not write clean, so a later fdatasync would succeed without them and
+        a flush would acknowledge writes that are not on disk."""
+        if self._sync_error is not None:
+            raise OSError(
+                errno.EIO, f"an earlier flush of {self.filename} failed: {self._sync_error}"
+            )
+        try:
+            os.fdatasync(self.fd)
+        except OSError as err:
+            self._sync_error = err
+            raise
 
     def _block_status(self, offset: int, length: int) -> Extent:
         size = self._size
