@@ -10,9 +10,11 @@ import threading
 
 import pytest
 
+from pyfleece.block import copy_before_write as cbw_module
 from pyfleece.block.copy_before_write import CopyBeforeWrite
 from pyfleece.block.fault import FaultNode, Rule
 from pyfleece.block.memory import MemoryNode
+from pyfleece.block.node import WriteHook
 from pyfleece.block.tracking import ReqKind, RequestTracker, TrackedRequest
 from pyfleece.errors import BlockError
 from pyfleece.jobs import JobManager
@@ -205,3 +207,73 @@ def test_the_copy_unit_follows_a_cluster_size_behind_a_filter(jobs: JobManager) 
     assert disk.read(UNIT - 1, 2) == OLD + NEW
     assert target.read(0, 2 * UNIT) == OLD * 2 * UNIT
     jobs.block_job_cancel("j0")
+
+
+class SlowHooksNode(FaultNode):
+    """A source whose hook list one named thread reads slowly: it stops in the read until
+    the test releases it (the window between reading the list and storing a new one)."""
+
+    def __init__(self, name: str, image: MemoryNode, slow_thread: str) -> None:
+        self._hooks: list[WriteHook] = []
+        self.slow_thread = slow_thread
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        super().__init__(name, image, owned=True, rules=[])
+
+    @property  # type: ignore[override]
+    def write_hooks(self) -> list[WriteHook]:
+        hooks = self._hooks
+        if threading.current_thread().name == self.slow_thread and not self.release.is_set():
+            self.reached.set()
+            self.release.wait()
+        return hooks
+
+    @write_hooks.setter
+    def write_hooks(self, hooks: list[WriteHook]) -> None:
+        self._hooks = hooks
+
+
+class CountingLock:
+    """A lock that counts the threads blocked on it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waiting = 0
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.waiting += 1
+            self._lock.acquire()
+            self.waiting -= 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_a_job_ending_while_another_starts_on_its_source_keeps_the_new_hook(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Job 1 ends (its thread rewrites the source's hook list without its hook) while job 2
+    starts on the same source (the monitor adds its hook): neither may write back a list
+    read before the other's change, or job 2's snapshot goes unguarded."""
+    disk = MemoryNode("disk", SIZE)
+    disk.write(0, OLD * SIZE)
+    src = SlowHooksNode("src", disk, slow_thread="detacher")
+    first = CopyBeforeWrite(src, OverlayNode("t1", SIZE), unit=UNIT)
+    first.attach()
+    lock = CountingLock()
+    monkeypatch.setattr(cbw_module, "_hooks_lock", lock, raising=False)
+    detacher = threading.Thread(target=first.detach, name="detacher", daemon=True)
+    detacher.start()
+    assert src.reached.wait(10)  # job 1 has read the list and not yet stored the new one
+    snap = OverlayNode("snap", SIZE, backing=src)
+    second = CopyBeforeWrite(src, snap, unit=UNIT)
+    attacher = Worker(second.attach)
+    wait_until(lambda: not attacher.is_alive() or lock.waiting == 1, what="job 2's attach")
+    src.release.set()
+    detacher.join(10)
+    assert not detacher.is_alive()
+    attacher.finish()
+    assert src.write_hooks == [second._hook]
+    src.write(0, NEW * 10)
+    assert snap.read(0, 10) == OLD * 10

@@ -63,6 +63,10 @@ MIN_UNIT = 64 * 1024
 MAX_PIECE = 4 * 1024 * 1024
 
 _WRITE_KINDS = frozenset({ReqKind.WRITE, ReqKind.ZERO, ReqKind.DISCARD})
+#: Guards every read-modify-write of a node's ``write_hooks``: jobs on one source start (a
+#: monitor thread) and end (their own thread) independently, and a list read before the
+#: other's change and stored after it would drop a hook, leaving a snapshot unguarded.
+_hooks_lock = threading.Lock()
 _NONE: set[int] = set()
 
 
@@ -155,7 +159,8 @@ class CopyBeforeWrite:
             overlay.attach_child("backing", self.guard, owned=True)
         with self._cond:
             self._attached = True
-        self.source.write_hooks = [*self.source.write_hooks, self._hook]
+        with _hooks_lock:
+            self.source.write_hooks = [*self.source.write_hooks, self._hook]
         tracker = self.source.tracker
         marker = tracker.begin(0, 0, ReqKind.FLUSH)
         with self._cond:
@@ -180,7 +185,8 @@ class CopyBeforeWrite:
             guard.tracker.drain()
         with self._cond:
             self._attached = False  # from now on ``_claim`` claims nothing
-        self.source.write_hooks = [h for h in self.source.write_hooks if h != self._hook]
+        with _hooks_lock:
+            self.source.write_hooks = [h for h in self.source.write_hooks if h != self._hook]
         with self._cond:
             while self._claimed.find(1) >= 0:
                 self._cond.wait()
