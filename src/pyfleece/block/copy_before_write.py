@@ -52,10 +52,27 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
-from pyfleece.block.node import Extent, Node, Ref
+from pyfleece.block.node import Extent, Node
+from pyfleece.block.snapshot_guard import (
+    FILTER_DRIVERS,
+    SnapshotGuard,
+    backed_by,
+    cluster_size_of,
+)
 from pyfleece.block.tracking import ReqKind, TrackedRequest
 from pyfleece.errors import BlockError
 from pyfleece.events import EventBus
+
+__all__ = [
+    "FILTER_DRIVERS",
+    "MIN_UNIT",
+    "CopyBeforeWrite",
+    "CopyFailed",
+    "SnapshotGuard",
+    "backed_by",
+    "cluster_size_of",
+    "unit_size",
+]
 
 #: The smallest copy unit (QEMU's block-copy granularity floor).
 MIN_UNIT = 64 * 1024
@@ -481,132 +498,6 @@ class CopyBeforeWrite:
                     wake = wake or bool(self._claimed[u])
             if wake:
                 self._cond.notify_all()
-
-
-#: Drivers that pass every request to one child unchanged (role "image" or "file"); the
-#: search for the overlay to guard goes down through them.
-FILTER_DRIVERS = frozenset({"fault"})
-
-
-def cluster_size_of(target: Node) -> int:
-    """The cluster size of ``target``, or of the node under its filters (``FILTER_DRIVERS``)
-    that has one; 0 if none does. The copy unit must cover whole clusters of the node that
-    allocates, or each copy would make it fill the rest of a cluster from its backing."""
-    node: Node | None = target
-    seen: set[int] = set()
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
-        size = int(getattr(node, "cluster_size", 0) or 0)
-        if size or node.driver not in FILTER_DRIVERS:
-            return size
-        node = node.child("image") or node.child("file")
-    return 0
-
-
-def backed_by(target: Node, source: Node) -> Node | None:
-    """The node whose ``backing`` is ``source``: ``target`` itself or one reached from it
-    through filters (``FILTER_DRIVERS``), or None."""
-    node: Node | None = target
-    seen: set[int] = set()
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
-        backing = node.children.get("backing")
-        if backing is not None and backing.node is source:
-            return node
-        if node.driver not in FILTER_DRIVERS:
-            return None
-        node = node.child("image") or node.child("file")
-    return None
-
-
-class SnapshotGuard(Node):
-    """The ``backing`` child of ``overlay`` (the target, or the node under the target's
-    filters whose backing the source is) while copy-before-write runs: reads the snapshot.
-
-    An implicit filter (like QEMU's): user-facing code should show ``filtered`` instead.
-    It holds the source with the same reason as the edge it replaces, so deleting the
-    source names the overlay as QEMU does.
-    """
-
-    driver = "copy-before-write-guard"
-    implicit = True
-
-    def __init__(self, cbw: CopyBeforeWrite, overlay: Node) -> None:
-        super().__init__(f"#cbw-{cbw.target.node_name}", read_only=True)
-        self.cbw = cbw
-        self.overlay = overlay
-        self.filtered = cbw.source
-        self._ref: Ref | None = cbw.source.add_ref(
-            f"node '{overlay.node_name}'",
-            f"node is used as backing hd of '{overlay.node_name}'",
-            hard=True,
-        )
-        self._local = threading.local()
-
-    @property
-    def size(self) -> int:
-        return self.cbw.size
-
-    def _readinto(self, offset: int, buf: memoryview) -> None:
-        cbw = self.cbw
-        if getattr(self._local, "in_target", False):
-            raise BlockError(
-                errno.EIO, f"{cbw.target.node_name} does not hold a unit it copied at {offset}"
-            )
-        end = offset + len(buf)
-        if not len(buf):
-            return
-        first, last = offset // cbw.unit, (end - 1) // cbw.unit
-        held = cbw.share(first, last)
-        try:
-            for lo, hi, copied in self._spans(first, last, set(held)):
-                s, e = max(lo * cbw.unit, offset), min((hi + 1) * cbw.unit, end)
-                part = buf[s - offset : e - offset]
-                if copied:
-                    self._local.in_target = True
-                    try:
-                        cbw.target.readinto(s, part)
-                    finally:
-                        self._local.in_target = False
-                else:
-                    cbw.source.readinto(s, part)
-        finally:
-            cbw.unshare(held)
-
-    @staticmethod
-    def _spans(first: int, last: int, held: set[int]) -> Iterator[tuple[int, int, bool]]:
-        """Runs of units [lo, hi] that are all copied or all held (uncopied)."""
-        lo = first
-        for u in range(first + 1, last + 2):
-            if u > last or ((u in held) != (lo in held)):
-                yield lo, u - 1, lo not in held
-                lo = u
-
-    def _block_status(self, offset: int, length: int) -> Extent:
-        cbw = self.cbw
-        if offset >= cbw.size:
-            return Extent(offset, length, False, True, False, 1)
-        end = min(offset + length, cbw.size)
-        first, last = offset // cbw.unit, (end - 1) // cbw.unit
-        held = cbw.share(first, last)
-        try:
-            copied = first not in held
-            hi = first
-            while hi < last and ((hi + 1) in held) != copied:
-                hi += 1
-            n = min((hi + 1) * cbw.unit, end) - offset
-            if copied:
-                ext = cbw.target.block_status(offset, n)
-            else:
-                ext = cbw.source.block_status(offset, n)
-            return ext._replace(offset=offset, length=min(ext.length, n))
-        finally:
-            cbw.unshare(held)
-
-    def _close(self) -> None:
-        if self._ref is not None:
-            self._ref.release()
-            self._ref = None
 
 
 def _runs(units: list[int]) -> Iterator[tuple[int, int]]:
