@@ -4,6 +4,7 @@ discarded and their host clusters reused."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import struct
@@ -18,7 +19,9 @@ from pyfleece.block.fault import FaultNode, Rule
 from pyfleece.block.image import open_image
 from pyfleece.block.node import Node
 from pyfleece.block.qcow2.driver import Qcow2Node
+from pyfleece.block.qcow2.format import OFFSET_MASK
 from pyfleece.block.registry import open_node
+from pyfleece.errors import BlockError
 from tests.integration.qcow2_oracle import assert_clean, check, compare_raw, create
 
 SECTOR = 512
@@ -306,3 +309,53 @@ def test_second_writer_waits_for_the_first_allocation(tmp_path: Path) -> None:
     code, report = check(image)
     assert code == 0, report
     assert report["allocated-clusters"] == 1
+
+
+def test_an_allocation_that_fails_late_leaves_its_guest_cluster_free(tmp_path: Path) -> None:
+    """Writer 1's new cluster is written, but its L2 table left the cache meanwhile and
+    reading it back fails (EIO). Writer 1 fails; its guest cluster must not stay busy, or
+    every later write to it waits for ever, and its host cluster must not leak."""
+    cs = 4096
+    per_table = cs // 8 * cs  # the guest bytes one L2 table maps
+    tables = 20
+    image = create(tmp_path / "t.qcow2", tables * per_table, f"cluster_size={cs}")
+    spec = {"driver": "fault", "image": {"driver": "file", "filename": str(image)}}
+    node = open_node(
+        {"driver": "qcow2", "file": spec, "read-only": False, "l2-cache-size": 16 * cs}
+    )
+    assert isinstance(node, Qcow2Node) and isinstance(node.file, FaultNode)
+    fault = node.file
+    errors: list[BaseException] = []
+
+    def first_writer() -> None:
+        try:
+            node.write(cs, b"\x02" * cs)
+        except BaseException as err:  # checked below
+            errors.append(err)
+
+    try:
+        for t in range(tables):
+            node.write(t * per_table, b"\x01" * cs)
+        node.flush()  # every L2 table is on disk and clean: the cache may drop it
+        l2 = node.map.l1[0] & OFFSET_MASK
+        pause = threading.Event()
+        held = fault.add_rule(Rule(op="write", pause=pause))
+        first = threading.Thread(target=first_writer)
+        first.start()
+        assert held.reached.wait(10)  # the new cluster's data is being written
+        for t in range(1, tables):
+            node.read(t * per_table, 512)  # table 0 leaves the cache
+        fault.add_rule(Rule(op="read", offset=l2, length=cs, errno=errno.EIO))
+        pause.set()
+        first.join(10)
+        assert not first.is_alive() and len(errors) == 1
+        assert isinstance(errors[0], BlockError) and errors[0].errno == errno.EIO
+        second = threading.Thread(target=node.write, args=(cs, b"\x03" * cs), daemon=True)
+        second.start()
+        second.join(10)
+        assert not second.is_alive(), "the second writer waits for a cluster left busy"
+        assert node.read(0, 2 * cs) == b"\x01" * cs + b"\x03" * cs
+    finally:
+        pause.set()
+        node.close()
+    assert_clean(image)

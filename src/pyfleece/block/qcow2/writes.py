@@ -167,17 +167,18 @@ class Qcow2Writer(Qcow2Core):
             self._write_host(plan.host, bufs)
         except BaseException:
             with self._lock:
-                if not plan.reuse:
-                    self._rc().release(plan.host >> cb, plan.clusters)
-                self._busy.difference_update(range(plan.first, plan.first + plan.clusters))
-                self._cond.notify_all()
+                self._abandon(plan)
             raise
         with self._lock:
-            l1_index = plan.first >> self.l2_bits
+            try:
+                # The table may have left the cache since the plan: reloading it can fail.
+                table = self.map.table(plan.first >> self.l2_bits)
+                if table is None:
+                    raise RuntimeError("qcow2: L2 table vanished during an allocating write")
+            except BaseException:
+                self._abandon(plan)
+                raise
             l2_index = plan.first & ((1 << self.l2_bits) - 1)
-            table = self.map.table(l1_index)
-            if table is None:
-                raise RuntimeError("qcow2: L2 table vanished during an allocating write")
             mark = self._grace_mark()
             for i, old in enumerate(plan.old):
                 table.entries[l2_index + i] = (plan.host + i * cs) | OFLAG_COPIED
@@ -186,6 +187,15 @@ class Qcow2Writer(Qcow2Core):
             self.map.changed(table)
             self._busy.difference_update(range(plan.first, plan.first + plan.clusters))
             self._cond.notify_all()
+
+    def _abandon(self, plan: _Alloc) -> None:
+        """An allocating write failed before its L2 entries changed (under _lock): the new
+        host clusters, referenced by no table, are released, and the guest clusters stop
+        being busy, or every later request to them would wait for ever."""
+        self._busy.difference_update(range(plan.first, plan.first + plan.clusters))
+        self._cond.notify_all()
+        if not plan.reuse:
+            self._rc().release(plan.host >> self.cluster_bits, plan.clusters)
 
     def _write_host(self, host: int, bufs: list[bytes | bytearray | memoryview]) -> None:
         total = sum(len(b) for b in bufs)
