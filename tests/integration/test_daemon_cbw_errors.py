@@ -3,8 +3,9 @@
 The fleecing target is a qcow2 whose file sits on a ``fault`` node that fails every write.
 A guest write through NBD must then fail with EIO (its old data could not be saved), a
 BLOCK_IO_ERROR event must say so, the live disk must keep its old data, the snapshot must
-still show it, and the job must follow on-target-error: ``report`` fails it, ``stop`` pauses
-it (io-status failed), ``ignore`` lets it run.
+still show it, and the job must go on whatever its on-target-error (as QEMU 7.2's
+copy-before-write does): failing it would drop the guard, and the snapshot would silently
+read the live disk.
 """
 
 from __future__ import annotations
@@ -53,25 +54,20 @@ def test_failed_copy_fails_the_guest_write(tmp_path: Path, policy: str) -> None:
         assert event == {"device": "hd0", "node-name": "hd0", "operation": "write",
                          "action": "report", "nospace": False,
                          "reason": "Input/output error"}  # fmt: skip
-        job_error = daemon.event("BLOCK_JOB_ERROR")["data"]
-        assert job_error == {"device": "j0", "operation": "write", "action": policy}
         assert guest.pread(4096, 0) == b"\x11" * 4096  # the write never reached the disk
         jobs = daemon.ok("query-block-jobs")
-        if policy == "report":
-            assert daemon.event("BLOCK_JOB_COMPLETED")["data"]["error"] == "Input/output error"
-            assert daemon.ok("query-block-jobs") == []
-        else:
-            snapshot = nbd.NBD()
-            snapshot.connect_uri(daemon.uri("fl"))
-            assert snapshot.pread(4096, 0) == b"\x11" * 4096
-            expected = ("paused", True, "failed") if policy == "stop" else ("running", False, "ok")
-            assert (jobs[0]["status"], jobs[0]["paused"], jobs[0]["io-status"]) == expected
-            with pytest.raises(nbd.Error):  # still failing: still refused
-                guest.pwrite(b"\x33" * 4096, 0)
-            assert snapshot.pread(4096, 0) == b"\x11" * 4096
-            snapshot.shutdown()
-            daemon.ok("block-job-cancel", device="j0", force=True)
-            daemon.event("BLOCK_JOB_CANCELLED")
+        assert (jobs[0]["status"], jobs[0]["paused"], jobs[0]["io-status"]) == (
+            "running", False, "ok")  # fmt: skip
+        snapshot = nbd.NBD()
+        snapshot.connect_uri(daemon.uri("fl"))
+        assert snapshot.pread(4096, 0) == b"\x11" * 4096
+        with pytest.raises(nbd.Error):  # still failing: still refused
+            guest.pwrite(b"\x33" * 4096, 0)
+        assert snapshot.pread(4096, 0) == b"\x11" * 4096
+        snapshot.shutdown()
+        assert not [e for e in daemon.drain_events() if e["event"] == "BLOCK_JOB_ERROR"]
+        daemon.ok("block-job-cancel", device="j0", force=True)
+        daemon.event("BLOCK_JOB_CANCELLED")
         guest.pwrite(b"\x44" * 4096, 0)  # no job, no copy: writes go through again
         guest.shutdown()
     qemu_io(str(tmp_path / "d.qcow2"), "read -P 0x44 0 4k", "read -P 0x11 4k 60k", fmt="qcow2",

@@ -31,7 +31,7 @@ from pyfleece.block.copy_before_write import (
 from pyfleece.block.locking import Claim, LockConflict, PermissionConflict
 from pyfleece.block.node import Node, Ref
 from pyfleece.block.registry import auto_node_name
-from pyfleece.errors import BlockError, CommandError
+from pyfleece.errors import CommandError
 from pyfleece.events import EventBus
 from pyfleece.jobs.job import ON_ERROR, Job
 from pyfleece.jobs.states import JobStatus, JobVerb
@@ -103,7 +103,6 @@ class BackupJob(Job):
             device=device,
             bus=bus,
             skip_unallocated=sync == "top",
-            on_copy_error=self._on_copy_error,
         )
         self._refs: list[Ref] = []
         #: The claims' holder: QEMU's copy-before-write filter node, by its auto name.
@@ -207,14 +206,6 @@ class BackupJob(Job):
 
     def _policy(self, err: CopyFailed) -> str:
         return self.on_source_error if err.operation == "read" else self.on_target_error
-
-    def _on_copy_error(self, err: CopyFailed) -> None:
-        """A guest write's copy failed (the guest already gets the error): apply the
-        job's policy, failing the job on "report"."""
-        if self.status in (JobStatus.CONCLUDED, JobStatus.NULL):
-            return  # a copy that was in flight when the job ended
-        if self.handle_error(err, self._policy(err), err.operation) == "report":
-            self.fail(BlockError(err.errno, str(err)))
 
     def describe(self) -> dict[str, Any]:
         """What the job does, for logs and debugging."""
