@@ -72,6 +72,19 @@ def filesystem_type(fd: int) -> int:
     return ctypes.c_long.from_buffer(buf).value  # f_type comes first, a long
 
 
+def pread_full(fd: int, buf: memoryview, offset: int) -> None:
+    """Fills ``buf`` from ``fd`` at ``offset``; what lies past the end of the file reads as
+    zeros (a short read at EOF is not an error for a growable file)."""
+    want = len(buf)
+    done = 0
+    while done < want:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            buf[done:] = bytes(want - done)
+            return
+        done += n
+
+
 class FileNode(Node):
     driver = "file"
     growable = True
@@ -119,14 +132,7 @@ class FileNode(Node):
         return self._size
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
-        want = len(buf)
-        done = 0
-        while done < want:
-            n = os.preadv(self.fd, [buf[done:]], offset + done)
-            if n == 0:
-                buf[done:] = bytes(want - done)
-                return
-            done += n
+        pread_full(self.fd, buf, offset)
 
     def _write(self, offset: int, data: memoryview, fua: bool) -> None:
         done = 0

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from pyfleece.block.file import pread_full
 from pyfleece.block.node import Extent, Node, Ref
 from pyfleece.errors import BlockError
 
@@ -108,9 +109,23 @@ class SnapshotGuard(Node):
                     finally:
                         self._local.in_target = False
                 else:
-                    cbw.source.readinto(s, part)
+                    self._read_source(s, part)
         finally:
             cbw.unshare(held)
+
+    def _read_source(self, offset: int, part: memoryview) -> None:
+        """Reads the live disk under the shared hold. A source that lies plainly in a host
+        file is read straight from it (the raw and file layers would only add checks and
+        request tracking the hold already makes redundant); others through their node."""
+        source = self.cbw.source
+        try:
+            mapping = source.host_map(offset, len(part))
+            if mapping is not None and mapping.length == len(part):
+                pread_full(mapping.fd, part, mapping.offset)
+                return
+        except OSError as err:
+            raise BlockError.from_os(err, f"read from {source.node_name}") from err
+        source.readinto(offset, part)
 
     @staticmethod
     def _spans(first: int, last: int, held: set[int]) -> Iterator[tuple[int, int, bool]]:
