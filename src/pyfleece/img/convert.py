@@ -77,6 +77,7 @@ def run(argv: list[str]) -> int:
     if len(files) < 2:
         raise Fail("Must specify image file name")
     bar = Progress(args.progress and not args.quiet, 1.0)
+    bar.advance(0, 100)  # before anything is opened, as qemu-img
     nodes: list[tuple[Node, str]] = []
     try:
         for name in files[:-1]:
@@ -161,14 +162,13 @@ def convert(nodes: list[tuple[Node, str]], out: str, args: _Args, bar: Progress)
         Fail: with qemu-img's message.
     """
     sources = Sources(nodes, top_only=args.backing is not None)
-    bar.advance(0, 100)
     target = _skip_create(out, args, sources.size) if args.skip_create else None
     if target is None:
         target = _create(out, args, sources.size)
     try:
         copy(sources, target, min_sparse=args.min_sparse, progress=bar)
-    except (PyfleeceError, OSError) as err:
-        raise Fail(f"error while writing at byte offset: {describe(err)}") from err
+    except (PyfleeceError, OSError) as err:  # reads and writes fail as Fail, with offsets
+        raise Fail(f"{out}: error while finishing the image: {describe(err)}") from err
     finally:
         target.close()
     bar.advance(100, 0)
@@ -211,8 +211,18 @@ def _wrap_create_errors(out: str, fmt: str, make: Callable[[], T]) -> T:
         raise Fail(f"{out}: error while converting {fmt}: {message}", hint=fail.hint) from fail
     except LockConflict as err:
         raise Fail(f"{out}: error while converting {fmt}: {err}", hint=err.hint) from err
-    except (ConfigError, OSError) as err:
+    except OSError as err:
+        raise Fail(f"{out}: error while converting {fmt}: {_create_error(out, err)}") from err
+    except ConfigError as err:
         raise Fail(f"{out}: error while converting {fmt}: {describe(err)}") from err
+
+
+def _create_error(out: str, err: OSError) -> str:
+    """qemu-img's words for a new image that could not be made: opening the file
+    (``os.open`` names it in the error) or writing its first metadata."""
+    if err.filename is not None:
+        return f"Could not create '{out}': {describe(err)}"
+    return f"Could not write qcow2 header: {describe(err)}"
 
 
 def _qcow2_target(out: str, args: _Args, size: int) -> Qcow2Stream:

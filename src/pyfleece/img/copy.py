@@ -25,6 +25,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
+from pyfleece.errors import PyfleeceError
+from pyfleece.img.common import Fail, describe
 from pyfleece.img.progress import Progress
 from pyfleece.img.sources import CHUNK, Kind, Piece, Sources, pieces
 
@@ -134,7 +136,10 @@ class _Batch:
 
     def flush(self) -> None:
         if self.views:
-            self.target.write(self.offset, self.views)
+            try:
+                self.target.write(self.offset, self.views)
+            except (PyfleeceError, OSError) as err:
+                raise _write_error(self.offset, err) from err
             self.views = []
         self.reader.recycle(self.held)
         self.held = []
@@ -208,7 +213,10 @@ class _ReadAhead:
         if node is None:
             buf[:length] = _ZERO_VIEW[:length]
         else:
-            node.readinto(at, memoryview(buf)[:length])
+            try:
+                node.readinto(at, memoryview(buf)[:length])
+            except (PyfleeceError, OSError) as err:
+                raise Fail(f"error while reading at byte {offset}: {describe(err)}") from err
         if self.min_sparse:
             runs = list(zero_runs(buf, length, offset, self.min_sparse))
         else:
@@ -216,9 +224,25 @@ class _ReadAhead:
         return offset, length, buf, runs
 
 
+def _write_error(offset: int, err: BaseException) -> Fail:
+    return Fail(f"error while writing at byte {offset}: {describe(err)}")
+
+
+def _zero(target: Target, offset: int, length: int) -> None:
+    try:
+        target.zero(offset, length)
+    except (PyfleeceError, OSError) as err:
+        raise _write_error(offset, err) from err
+
+
 def copy(sources: Sources, target: Target, *, min_sparse: int, progress: Progress) -> None:
     """Copies the sources' guest contents to the target (see the module docstring), then
-    finishes the target."""
+    finishes the target.
+
+    Raises:
+        Fail: a read, a block status query or a write failed (qemu-img's messages, with
+            the offset); PyfleeceError, OSError: finishing the target failed.
+    """
     work: Iterable[Piece] = pieces(sources, min_sparse=min_sparse)
     total = 0
     if progress.enabled:  # the total must be known before the first line
@@ -232,7 +256,7 @@ def copy(sources: Sources, target: Target, *, min_sparse: int, progress: Progres
             if buf is None:  # a zero range
                 batch.flush()
                 if not zero_init:
-                    target.zero(offset, length)
+                    _zero(target, offset, length)
                 continue
             view = memoryview(buf)
             for start, end, is_zero in runs:
@@ -240,7 +264,7 @@ def copy(sources: Sources, target: Target, *, min_sparse: int, progress: Progres
                     batch.add(offset + start, view[start:end])
                 elif not zero_init:
                     batch.flush()
-                    target.zero(offset + start, end - start)
+                    _zero(target, offset + start, end - start)
             batch.hold(buf)
             done += length
             if total:

@@ -42,7 +42,9 @@ Shows where each range of the image's data comes from, as qemu-img map does.
   -U, --force-share  open the image shared, even if another process holds it for writing
 """
 
-STEP = 1 << 30  # qemu-img asks about at most 1 GiB at a time
+#: qemu-img asks about at most 1 GiB at a time; so does every caller of ``Mapper.entry``
+#: (the block layer refuses requests over 2 GiB)
+STEP = 1 << 30
 
 
 @dataclass
@@ -177,10 +179,11 @@ class Mapper:
         self._prealloc: dict[int, bool] = {}
 
     def entry(self, offset: int, length: int) -> MapEntry:
+        """The entry at ``offset``, covering at most ``length`` (and at most STEP) bytes."""
         node = self.node
         if offset >= node.size:  # the tail of a raw file whose size is not 512-aligned
             return MapEntry(offset, length, 0, True, True, False, offset, self.filename(0))
-        ext = node.block_status(offset, min(length, node.size - offset))
+        ext = node.block_status(offset, min(length, node.size - offset, STEP))
         ext = self._as_qemu_reports(ext)
         return MapEntry(
             offset,
