@@ -15,13 +15,15 @@ import signal
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require_tool
 from tests.integration.test_img_helpers import Outcome, both, our_env, ours, qemu_ok
+from tests.nbdtest import free_port, short_tempdir
+from tests.support import running
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -179,3 +181,36 @@ def test_convert_out_of_space_is_a_write_error(tmp_path: Path) -> None:
     pattern = r"qemu-img: error while writing at byte \d+: File too large\n"
     assert re.fullmatch(pattern, theirs.err)
     assert re.fullmatch(pattern, mine.err)
+
+
+@pytest.fixture
+def nbd_images() -> Iterator[tuple[Path, list[str]]]:
+    """An nbdkit memory disk with 64 KiB of data at 1 MiB, on a Unix socket (default
+    export) and on TCP (export "foo"); yields the scratch directory and the URIs."""
+    nbdkit = require_tool("nbdkit")
+    with short_tempdir() as tmp:
+        port = free_port()
+        unix = [nbdkit, "-f", "-U", str(tmp / "s"), "-P", str(tmp / "u.pid"), "memory", "64M"]
+        tcp = [nbdkit, "-f", "-i", "127.0.0.1", "-p", str(port), "-e", "foo",
+               "-P", str(tmp / "t.pid"), "memory", "64M"]  # fmt: skip
+        with running(unix, tmp / "u.pid"), running(tcp, tmp / "t.pid"):
+            uris = [f"nbd+unix:///?socket={tmp / 's'}", f"nbd://127.0.0.1:{port}/foo"]
+            for uri in uris:
+                qemu_ok("qemu-io", "-f", "raw", "-c", "write -P 1 1M 64k", uri, cwd=tmp)
+            qemu_ok("qemu-img", "create", "-q", "-f", "qcow2", "-b", uris[0], "-F", "raw",
+                    "over.qcow2", cwd=tmp)  # fmt: skip
+            yield tmp, uris
+
+
+@pytest.mark.parametrize("command", ["map", "map --output=json", "info"])
+def test_nbd_images_are_named_as_qemu_names_them(
+    nbd_images: tuple[Path, list[str]], command: str
+) -> None:
+    """The File column and the image: line show QEMU's name for an NBD image (a Python
+    None stood in the File column)."""
+    tmp, uris = nbd_images
+    for image in [*uris, "over.qcow2"]:
+        fmt = [] if image == "over.qcow2" else ["-f", "raw"]
+        theirs, mine = both(*command.split(), *fmt, image, cwd=tmp)
+        assert theirs.rc == 0
+        assert mine == theirs

@@ -26,6 +26,7 @@ from pyfleece.img.common import (
     allocated_size,
     cvtnum,
     describe,
+    nbd_name,
     open_for,
     output_format,
     parse_args,
@@ -152,7 +153,7 @@ def dump(ofmt: str, e: MapEntry, nxt: MapEntry | None) -> None:
         report("File contains external, encrypted or compressed clusters.")
         raise Fail("")
     if e.data and not e.zero:
-        print(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}{e.filename}")
+        print(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}{e.filename or ''}")
     # The human format does not tell zero from data-and-zero: let them coalesce.
     if nxt is not None and (not nxt.data or nxt.zero):
         nxt.data, nxt.zero = False, True
@@ -204,11 +205,12 @@ class Mapper:
         return ext
 
     def filename(self, depth: int) -> str | None:
+        """The name of the file holding layer ``depth``'s data, as QEMU names it."""
         if depth >= len(self.layers):
             return None
-        file = self.layers[depth].child("file")
-        name = getattr(file, "filename", None)
-        return name if isinstance(name, str) else None
+        layer = self.layers[depth]
+        name = getattr(layer.child("file"), "filename", None)
+        return name if isinstance(name, str) else nbd_name(layer)
 
     def metadata_preallocated(self, depth: int) -> bool:
         """QEMU's guess: more clusters referenced than the file has allocated, by over 10%
