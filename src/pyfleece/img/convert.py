@@ -49,6 +49,8 @@ Copies the guest contents of one or more images (concatenated) into a new image.
 """
 
 MAX_SPARSE = 16 << 20
+#: reader threads for NBD sources, as qemu-img's 8 coroutines (``-m`` sets it)
+REMOTE_READERS = 8
 T = TypeVar("T")
 
 
@@ -65,6 +67,7 @@ class _Args:
         self.progress = False
         self.quiet = False
         self.force_share = False
+        self.readers = REMOTE_READERS
 
 
 def run(argv: list[str]) -> int:
@@ -123,7 +126,7 @@ def _parse(argv: list[str]) -> tuple[_Args, list[str]]:
         elif opt in ("-U", "--force-share"):
             args.force_share = True
         elif opt == "-m":
-            _workers(value)
+            args.readers = _workers(value)
         elif opt == "--target-is-zero":
             args.target_is_zero = True
         elif opt in ("-c", "-l", "--salvage", "--bitmaps", "--object", "--image-opts",
@@ -145,14 +148,16 @@ def _sparse(value: str) -> int:
     return size
 
 
-def _workers(value: str) -> None:
-    """``-m``: qemu-img's parallel requests; validated, and otherwise our own business."""
+def _workers(value: str) -> int:
+    """``-m``: qemu-img's parallel requests; here the reader threads for NBD sources (local
+    files are read by one thread, which measured fastest)."""
     try:
         count = int(value)
     except ValueError:
         count = 0
     if not 1 <= count <= 16:
         raise Fail("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+    return count
 
 
 def convert(nodes: list[tuple[Node, str]], out: str, args: _Args, bar: Progress) -> None:
@@ -166,7 +171,8 @@ def convert(nodes: list[tuple[Node, str]], out: str, args: _Args, bar: Progress)
     if target is None:
         target = _create(out, args, sources.size)
     try:
-        copy(sources, target, min_sparse=args.min_sparse, progress=bar)
+        readers = args.readers if sources.remote else 1
+        copy(sources, target, min_sparse=args.min_sparse, progress=bar, readers=readers)
     except (PyfleeceError, OSError) as err:  # reads and writes fail as Fail, with offsets
         raise Fail(f"{out}: error while finishing the image: {describe(err)}") from err
     finally:

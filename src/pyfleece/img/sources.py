@@ -65,6 +65,18 @@ class Sources:
         self.size = pos
         self.top_only = top_only
 
+    @property
+    def remote(self) -> bool:
+        """Some source is read over the network (an NBD node in its graph): its reads have
+        a round trip worth overlapping."""
+        todo = [part.node for part in self.parts]
+        while todo:
+            node = todo.pop()
+            if node.driver == "nbd":
+                return True
+            todo.extend(child.node for child in node.children.values())
+        return False
+
     def ranges(self) -> Iterator[Range]:
         """Ranges covering the whole disk in order; neighbours of a kind are merged (data
         ranges only when they continue each other in the node they are read from)."""
