@@ -37,13 +37,16 @@ usage: pyfleece img convert [-U] [-p] [-q] [-n] [-f fmt] [-O output_fmt]
                             [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size]
                             [-m num] [-W] filename [filename2 [...]] output_filename
 
-Copies the guest contents of one or more images (concatenated) into a new image.
+Copies the guest contents of one or more images (concatenated) into a new image. An image
+may be a file, an NBD URI (nbd://host/export, nbd+unix:///export?socket=path) or json:{...}.
+  -f fmt     source format (probed when omitted)
   -O fmt     output format: raw (default) or qcow2
   -o opts    output options, as for create (-o help lists them)
   -B file    give the output this backing file (-F its format); only what the source's
              top layer allocates is copied
   -S size    ranges of zeros at least this long are not written (default 4k; 0 writes all)
   -n         do not create the output: write into an existing image
+  -m num     reads in flight from NBD sources (1-16, default 8)
   -p         show progress       -q   quiet
   -U, --force-share  read sources another process holds open for writing
 """
