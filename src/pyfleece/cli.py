@@ -85,11 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     short_lived = tool[2]
     setup_logging(short_lived)
-    module = importlib.import_module(tool[0])
-    run: Callable[[list[str]], int] = module.main
     try:
+        run: Callable[[list[str]], int] = importlib.import_module(tool[0]).main
         status = run(args[1:])
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C at any point: no traceback, the shell's status
         status = 130
     if short_lived and argv is None:  # run as the program, not called by Python code
         exit_now(status)

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyfleece.errors import PyfleeceError
 from pyfleece.monitor.client import HmpConnection, QmpConnection
 from pyfleece.nbd.client import NbdClient
 
@@ -91,21 +92,42 @@ def start_daemon(work: Path) -> subprocess.Popen[bytes]:
     while not (work / "daemon.pid").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("the daemon did not start:\n" + (work / "daemon.log").read_text())
+            raise DemoFailed("the daemon did not start:\n" + (work / "daemon.log").read_text())
         time.sleep(0.02)  # polling for the pidfile, with a deadline
     return proc
 
 
-def qmp_ok(qmp: QmpConnection, command: str, **args: object) -> object:
+class DemoFailed(Exception):
+    """A step of the demo failed; the message says which and why."""
+
+
+def step(channel: str, text: str, answer: str = "") -> None:
+    """Prints one step of the recipe: where it was sent, what, and what came back."""
+    print(f"  {'(' + channel + ')':<8}{text}{'  -> ' + answer if answer else ''}")
+
+
+def qmp_step(qmp: QmpConnection, command: str, **args: object) -> object:
+    """Runs a QMP command, printed as the README writes it (qmp-shell's syntax)."""
     reply = qmp.execute(command, dict(args))
     if "error" in reply:
-        raise RuntimeError(f"{command}: {reply['error']['desc']}")
+        raise DemoFailed(f"{command}: {reply['error']['desc']}")
+    step("qmp", " ".join([command, *(f"{k}={v}" for k, v in args.items())]))
     return reply["return"]
 
 
-def pull(uri: str, dest: Path) -> float:
-    """Copies the whole export to ``dest``, printing progress; returns the seconds taken."""
+def hmp_ok(hmp: HmpConnection, line: str) -> None:
+    """Runs an HMP command; ``drive_add`` answers OK and ``drive_del`` nothing on success."""
+    answer = hmp.command(line).strip()
+    if answer not in ("", "OK"):
+        raise DemoFailed(f"{line}: {answer}")
+    step("hmp", line, answer)
+
+
+def pull(uri: str, dest: Path, label: str) -> float:
+    """Copies the whole export to ``dest``, showing progress after ``label`` (rewritten in
+    place on a terminal, printed once at the end otherwise); returns the seconds taken."""
     start = time.monotonic()
+    live = sys.stdout.isatty()
     with NbdClient.connect(uri) as snap, open(dest, "wb") as out:
         buf = memoryview(bytearray(PULL_CHUNK))
         for offset in range(0, snap.size, PULL_CHUNK):
@@ -113,11 +135,9 @@ def pull(uri: str, dest: Path) -> float:
             snap.readinto(offset, buf[:n])
             out.write(buf[:n])
             done = offset + n
-            if done % (16 * MiB) == 0 or done == snap.size:
-                print(
-                    f"\r  pulling the snapshot: {done * 100 / snap.size:5.1f}%", end="", flush=True
-                )
-    print()
+            if live and (done % (16 * MiB) == 0 or done == snap.size):
+                print(f"\r{label} {done * 100 / snap.size:5.1f}%", end="", flush=True)
+    print("" if live else f"{label} 100.0%")
     return time.monotonic() - start
 
 
@@ -129,12 +149,14 @@ def wait_event(qmp: QmpConnection, name: str) -> dict[str, object]:
                 qmp.events.remove(event)
                 return event
         qmp.events.append(qmp.receive())
-    raise RuntimeError(f"no {name} event")
+    raise DemoFailed(f"no {name} event within 30 s")
 
 
 def run(work: Path) -> int:
     make_disk(work / "disk.raw")
-    print(f"created a {DISK_SIZE // MiB} MiB disk; starting pyfleece daemon")
+    print(f"pyfleece demo: image fleecing, in {work} (removed at the end)")
+    print(f"  disk.raw: a {DISK_SIZE // MiB} MiB disk, served by pyfleece daemon as drive ide0-hd0")
+    print("  (QMP on qmp.sock, HMP on hmp.sock, NBD on nbd.sock)")
     daemon = start_daemon(work)
     nbd = work / "nbd.sock"
     try:
@@ -158,29 +180,29 @@ def run(work: Path) -> int:
 
 def fleece(work: Path, qmp: QmpConnection, hmp: HmpConnection, guest: Guest) -> int:
     nbd = work / "nbd.sock"
+    print(f"  a simulated guest writes the disk over NBD, up to {GUEST_RATE // MiB} MiB/s")
     while guest.writes < 20 and not guest.stop.wait(0.01):  # let the guest get going
         pass
-    subprocess.run([sys.executable, "-m", "pyfleece", "img", "create", "-q", "-f", "qcow2",
-                    str(work / "BACKUP.qcow2"), str(DISK_SIZE)], check=True)  # fmt: skip
-    print("snapshot (the seed's recipe):")
+    print("\nthe seed's recipe (README.md), while the guest keeps writing:")
+    create = ["img", "create", "-q", "-f", "qcow2", "BACKUP.qcow2", str(DISK_SIZE)]
+    subprocess.run([sys.executable, "-m", "pyfleece", *create], check=True, cwd=work)
+    step("shell", "pyfleece " + " ".join(create))
     with guest.hold:  # the snapshot instant: no guest write in flight
         at_snapshot = sha256_file(work / "disk.raw")
-        print("  (hmp) " + hmp.command(
-            "drive_add backing=ide0-hd0,file=BACKUP.qcow2,id=target0,if=none").strip())  # fmt: skip
-        qmp_ok(qmp, "blockdev-backup", device="ide0-hd0", sync="none", target="target0")
-        print("  (qmp) blockdev-backup device=ide0-hd0 sync=none target=target0")
-    qmp_ok(qmp, "nbd-server-add", device="target0")
-    print("  (qmp) nbd-server-add device=target0")
+        hmp_ok(hmp, "drive_add backing=ide0-hd0,file=BACKUP.qcow2,id=target0,if=none")
+        qmp_step(qmp, "blockdev-backup", device="ide0-hd0", sync="none", target="target0")
+    qmp_step(qmp, "nbd-server-add", device="target0")
     writes_before = guest.bytes_written
-    seconds = pull(f"nbd+unix:///target0?socket={nbd}", work / "pulled.raw")
+    uri = "nbd+unix:///target0?socket=nbd.sock"
+    seconds = pull(f"nbd+unix:///target0?socket={nbd}", work / "pulled.raw",
+                   f"  {'(nbd)':<8}pull {uri} -> pulled.raw:")  # fmt: skip
     guest_during = guest.bytes_written - writes_before
-    qmp_ok(qmp, "block-job-complete", device="ide0-hd0")
+    qmp_step(qmp, "block-job-complete", device="ide0-hd0")
     completed = wait_event(qmp, "BLOCK_JOB_COMPLETED")
-    print("  (qmp) block-job-complete device=ide0-hd0")
-    print("  (hmp) drive_del target0 " + (hmp.command("drive_del target0").strip() or "(ok)"))
+    hmp_ok(hmp, "drive_del target0")
     backup_size = (work / "BACKUP.qcow2").stat().st_blocks * 512
     os.unlink(work / "BACKUP.qcow2")
-    print("  (shell) rm BACKUP.qcow2")
+    step("shell", "rm BACKUP.qcow2")
     pulled = sha256_file(work / "pulled.raw")
     data = completed.get("data", {})
     copied = int(data.get("offset", 0)) if isinstance(data, dict) else 0
@@ -200,8 +222,24 @@ report
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="pyfleece-demo-") as tmp:
-        return run(Path(tmp))
+    """Runs the demo; 0 when the pull equals the disk at the snapshot instant. Failures
+    print one line (no traceback) and return 1; Ctrl-C returns 130."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="pyfleece-demo-") as tmp:
+            return run(Path(tmp))
+    except KeyboardInterrupt:
+        print("\npyfleece demo: interrupted", file=sys.stderr)
+        return 130
+    except (DemoFailed, OSError, subprocess.SubprocessError, PyfleeceError) as err:
+        print(f"\npyfleece demo: failed: {_describe(err)}", file=sys.stderr)
+        return 1
+
+
+def _describe(err: BaseException) -> str:
+    """An error as a user reads it: an OS error names its file, without "[Errno N]"."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return str(err)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def test_help() -> None:
         ([], "Invalid number of arguments"),
         (["a", "b"], "Invalid number of arguments"),
         (["--bogus", "x"], "unrecognized option '--bogus'"),
-        (["-Z", "x"], "unrecognized option '-Z'"),
+        (["-Z", "x"], "invalid option -- 'Z'"),
         (["x", "-x"], "option requires an argument -- 'x'"),
         (["-e", "abc", "x"], "Invalid shared device number 'abc'"),
         (["-e", "-1", "x"], "Invalid shared device number '-1'"),

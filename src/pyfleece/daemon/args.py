@@ -97,6 +97,8 @@ def parse_args(argv: list[str]) -> DaemonArgs:
             result.daemonize = True
             continue
         name, sep, value = arg.partition("=")
+        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 1:
+            raise ConfigError(f"invalid option -- '{arg[1]}'")  # glibc getopt's words
         if not name.startswith("--"):
             raise ConfigError(f"{arg}: Unexpected argument")
         key = name[2:]

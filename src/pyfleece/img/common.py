@@ -282,6 +282,24 @@ def describe(err: BaseException) -> str:
     return str(err)
 
 
+def nbd_name(node: Node | None) -> str | None:
+    """The name QEMU gives an image reached over NBD (a format node over an NBD node, or
+    the NBD node itself): ``nbd+unix:///EXPORT?socket=PATH``, ``nbd://HOST:PORT/EXPORT``,
+    without the export part when it is empty (QEMU's nbd_refresh_filename); None when the
+    node is not one."""
+    for candidate in (node, node.child("file") if node is not None else None):
+        if candidate is None or candidate.driver != "nbd":
+            continue
+        uri = getattr(getattr(candidate, "client", None), "uri", None)
+        if uri is None:
+            return None
+        export = f"/{uri.export}" if uri.export else ""
+        if uri.transport == "unix":
+            return f"nbd+unix://{'/' if export else ''}{uri.export}?socket={uri.socket}"
+        return f"nbd://{uri.host}:{uri.port}{export}"
+    return None
+
+
 def allocated_size(node: Node) -> int | None:
     """Bytes the image's storage occupies on the host: the sum over its data files."""
     fd = getattr(node, "fd", None)

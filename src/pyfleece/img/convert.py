@@ -37,18 +37,23 @@ usage: pyfleece img convert [-U] [-p] [-q] [-n] [-f fmt] [-O output_fmt]
                             [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size]
                             [-m num] [-W] filename [filename2 [...]] output_filename
 
-Copies the guest contents of one or more images (concatenated) into a new image.
+Copies the guest contents of one or more images (concatenated) into a new image. An image
+may be a file, an NBD URI (nbd://host/export, nbd+unix:///export?socket=path) or json:{...}.
+  -f fmt     source format (probed when omitted)
   -O fmt     output format: raw (default) or qcow2
   -o opts    output options, as for create (-o help lists them)
   -B file    give the output this backing file (-F its format); only what the source's
              top layer allocates is copied
   -S size    ranges of zeros at least this long are not written (default 4k; 0 writes all)
   -n         do not create the output: write into an existing image
+  -m num     reads in flight from NBD sources (1-16, default 8)
   -p         show progress       -q   quiet
   -U, --force-share  read sources another process holds open for writing
 """
 
 MAX_SPARSE = 16 << 20
+#: reader threads for NBD sources, as qemu-img's 8 coroutines (``-m`` sets it)
+REMOTE_READERS = 8
 T = TypeVar("T")
 
 
@@ -65,6 +70,7 @@ class _Args:
         self.progress = False
         self.quiet = False
         self.force_share = False
+        self.readers = REMOTE_READERS
 
 
 def run(argv: list[str]) -> int:
@@ -77,6 +83,7 @@ def run(argv: list[str]) -> int:
     if len(files) < 2:
         raise Fail("Must specify image file name")
     bar = Progress(args.progress and not args.quiet, 1.0)
+    bar.advance(0, 100)  # before anything is opened, as qemu-img
     nodes: list[tuple[Node, str]] = []
     try:
         for name in files[:-1]:
@@ -122,7 +129,7 @@ def _parse(argv: list[str]) -> tuple[_Args, list[str]]:
         elif opt in ("-U", "--force-share"):
             args.force_share = True
         elif opt == "-m":
-            _workers(value)
+            args.readers = _workers(value)
         elif opt == "--target-is-zero":
             args.target_is_zero = True
         elif opt in ("-c", "-l", "--salvage", "--bitmaps", "--object", "--image-opts",
@@ -144,14 +151,16 @@ def _sparse(value: str) -> int:
     return size
 
 
-def _workers(value: str) -> None:
-    """``-m``: qemu-img's parallel requests; validated, and otherwise our own business."""
+def _workers(value: str) -> int:
+    """``-m``: qemu-img's parallel requests; here the reader threads for NBD sources (local
+    files are read by one thread, which measured fastest)."""
     try:
         count = int(value)
     except ValueError:
         count = 0
     if not 1 <= count <= 16:
         raise Fail("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+    return count
 
 
 def convert(nodes: list[tuple[Node, str]], out: str, args: _Args, bar: Progress) -> None:
@@ -161,14 +170,14 @@ def convert(nodes: list[tuple[Node, str]], out: str, args: _Args, bar: Progress)
         Fail: with qemu-img's message.
     """
     sources = Sources(nodes, top_only=args.backing is not None)
-    bar.advance(0, 100)
     target = _skip_create(out, args, sources.size) if args.skip_create else None
     if target is None:
         target = _create(out, args, sources.size)
     try:
-        copy(sources, target, min_sparse=args.min_sparse, progress=bar)
-    except (PyfleeceError, OSError) as err:
-        raise Fail(f"error while writing at byte offset: {describe(err)}") from err
+        readers = args.readers if sources.remote else 1
+        copy(sources, target, min_sparse=args.min_sparse, progress=bar, readers=readers)
+    except (PyfleeceError, OSError) as err:  # reads and writes fail as Fail, with offsets
+        raise Fail(f"{out}: error while finishing the image: {describe(err)}") from err
     finally:
         target.close()
     bar.advance(100, 0)
@@ -211,8 +220,18 @@ def _wrap_create_errors(out: str, fmt: str, make: Callable[[], T]) -> T:
         raise Fail(f"{out}: error while converting {fmt}: {message}", hint=fail.hint) from fail
     except LockConflict as err:
         raise Fail(f"{out}: error while converting {fmt}: {err}", hint=err.hint) from err
-    except (ConfigError, OSError) as err:
+    except OSError as err:
+        raise Fail(f"{out}: error while converting {fmt}: {_create_error(out, err)}") from err
+    except ConfigError as err:
         raise Fail(f"{out}: error while converting {fmt}: {describe(err)}") from err
+
+
+def _create_error(out: str, err: OSError) -> str:
+    """qemu-img's words for a new image that could not be made: opening the file
+    (``os.open`` names it in the error) or writing its first metadata."""
+    if err.filename is not None:
+        return f"Could not create '{out}': {describe(err)}"
+    return f"Could not write qcow2 header: {describe(err)}"
 
 
 def _qcow2_target(out: str, args: _Args, size: int) -> Qcow2Stream:

@@ -9,6 +9,8 @@ raw images are a truncated file whose first block is allocated, as qemu-img leav
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 
@@ -75,7 +77,15 @@ def run(argv: list[str]) -> int:
         size = cvtnum("image size", operands[1], 0, INT64_MAX)
     if len(operands) > 2:
         raise Fail(f"Unexpected argument: {operands[2]}", usage=True)
-    create(filename, fmt, size, option_text, base, base_fmt, quiet=quiet, no_open=no_open)
+    try:
+        create(filename, fmt, size, option_text, base, base_fmt, quiet=quiet, no_open=no_open)
+    except Fail as fail:
+        cause = fail.__cause__
+        if isinstance(cause, OSError) and cause.errno == errno.EFBIG:  # qemu-img's words
+            hint = " (try using a larger cluster size)" if fmt == "qcow2" else ""
+            message = f"The image size is too large for file format '{fmt}'{hint}"
+            raise Fail(f"{filename}: {message}") from cause
+        raise
     return 0
 
 
@@ -235,23 +245,49 @@ def _create_raw(filename: str, opts: FormatOpts) -> None:
         raise _cannot_create(filename, err) from err
     try:
         _fill_raw(fd, size, prealloc)
-    except OSError as err:
-        raise Fail(f"{filename}: Could not resize file: {os.strerror(err.errno or 5)}") from err
+    except _RawFailed as failed:
+        reason = os.strerror(failed.err.errno or 5)
+        raise Fail(f"{filename}: {failed.what}: {reason}") from failed.err
     finally:
         os.close(fd)
 
 
+class _RawFailed(Exception):
+    """A step of filling a new raw file failed; ``what`` is qemu-img's word for it."""
+
+    def __init__(self, what: str, err: OSError) -> None:
+        super().__init__(what)
+        self.what = what
+        self.err = err
+
+
 def _fill_raw(fd: int, size: int, prealloc: str) -> None:
-    os.ftruncate(fd, size)
+    """Sizes a new raw file and preallocates it as asked.
+
+    Raises:
+        _RawFailed: with qemu-img's words for the step that failed.
+    """
+    try:
+        os.ftruncate(fd, size)
+    except OSError as err:
+        raise _RawFailed("Could not resize file", err) from err
     if prealloc == "falloc" and size:
-        os.posix_fallocate(fd, 0, size)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as err:
+            raise _RawFailed("Could not preallocate new data", err) from err
     elif prealloc == "full":
         chunk = bytes(min(size, 1 << 20))
-        for offset in range(0, size, len(chunk) or 1):
-            os.pwrite(fd, chunk[: size - offset], offset)
+        try:
+            for offset in range(0, size, len(chunk) or 1):
+                os.pwrite(fd, chunk[: size - offset], offset)
+        except OSError as err:
+            raise _RawFailed("Could not write zeros for preallocation", err) from err
     elif size:
-        # Like qemu-img, allocate the first block so that probing its alignment works.
-        os.pwrite(fd, bytes(512 if size < 4096 else 4096), 0)
+        # Like qemu-img, allocate the first block so that probing its alignment works
+        # (and, as qemu-img, go on without it if even that does not fit).
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, bytes(512 if size < 4096 else 4096), 0)
 
 
 def _cannot_create(filename: str, err: OSError) -> Fail:

@@ -18,6 +18,7 @@ from pyfleece.block.qcow2.format import Header
 from pyfleece.img.common import (
     Fail,
     allocated_size,
+    nbd_name,
     open_for,
     output_format,
     parse_args,
@@ -100,7 +101,7 @@ def image_info(node: Node, filename: str) -> dict[str, Any]:
     """The ImageInfo qemu-img reports for one opened image (without its backing)."""
     info: dict[str, Any] = {
         "virtual-size": -(-node.size // 512) * 512,
-        "filename": filename,
+        "filename": nbd_name(node) or filename,  # QEMU shows NBD images by its own name
         "format": node.driver,
         "dirty-flag": False,
     }

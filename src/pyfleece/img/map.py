@@ -26,6 +26,7 @@ from pyfleece.img.common import (
     allocated_size,
     cvtnum,
     describe,
+    nbd_name,
     open_for,
     output_format,
     parse_args,
@@ -42,7 +43,9 @@ Shows where each range of the image's data comes from, as qemu-img map does.
   -U, --force-share  open the image shared, even if another process holds it for writing
 """
 
-STEP = 1 << 30  # qemu-img asks about at most 1 GiB at a time
+#: qemu-img asks about at most 1 GiB at a time; so does every caller of ``Mapper.entry``
+#: (the block layer refuses requests over 2 GiB)
+STEP = 1 << 30
 
 
 @dataclass
@@ -150,7 +153,7 @@ def dump(ofmt: str, e: MapEntry, nxt: MapEntry | None) -> None:
         report("File contains external, encrypted or compressed clusters.")
         raise Fail("")
     if e.data and not e.zero:
-        print(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}{e.filename}")
+        print(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}{e.filename or ''}")
     # The human format does not tell zero from data-and-zero: let them coalesce.
     if nxt is not None and (not nxt.data or nxt.zero):
         nxt.data, nxt.zero = False, True
@@ -177,10 +180,11 @@ class Mapper:
         self._prealloc: dict[int, bool] = {}
 
     def entry(self, offset: int, length: int) -> MapEntry:
+        """The entry at ``offset``, covering at most ``length`` (and at most STEP) bytes."""
         node = self.node
         if offset >= node.size:  # the tail of a raw file whose size is not 512-aligned
             return MapEntry(offset, length, 0, True, True, False, offset, self.filename(0))
-        ext = node.block_status(offset, min(length, node.size - offset))
+        ext = node.block_status(offset, min(length, node.size - offset, STEP))
         ext = self._as_qemu_reports(ext)
         return MapEntry(
             offset,
@@ -201,11 +205,12 @@ class Mapper:
         return ext
 
     def filename(self, depth: int) -> str | None:
+        """The name of the file holding layer ``depth``'s data, as QEMU names it."""
         if depth >= len(self.layers):
             return None
-        file = self.layers[depth].child("file")
-        name = getattr(file, "filename", None)
-        return name if isinstance(name, str) else None
+        layer = self.layers[depth]
+        name = getattr(layer.child("file"), "filename", None)
+        return name if isinstance(name, str) else nbd_name(layer)
 
     def metadata_preallocated(self, depth: int) -> bool:
         """QEMU's guess: more clusters referenced than the file has allocated, by over 10%

@@ -15,9 +15,14 @@ from collections.abc import Iterator
 
 from pyfleece.block.node import Node
 from pyfleece.block.qcow2.format import Header
+from pyfleece.errors import PyfleeceError
+from pyfleece.img.common import Fail, describe
 from pyfleece.img.qcow2_source import COMPRESSED, UNALLOCATED, ZERO, qcow2_runs
 
 CHUNK = 2 << 20
+#: block status is asked about at most this much at a time (the block layer refuses
+#: requests over 2 GiB; qemu-img's steps are 1 GiB too)
+STATUS_STEP = 1 << 30
 
 
 class Kind(enum.Enum):
@@ -60,12 +65,24 @@ class Sources:
         self.size = pos
         self.top_only = top_only
 
+    @property
+    def remote(self) -> bool:
+        """Some source is read over the network (an NBD node in its graph): its reads have
+        a round trip worth overlapping."""
+        todo = [part.node for part in self.parts]
+        while todo:
+            node = todo.pop()
+            if node.driver == "nbd":
+                return True
+            todo.extend(child.node for child in node.children.values())
+        return False
+
     def ranges(self) -> Iterator[Range]:
         """Ranges covering the whole disk in order; neighbours of a kind are merged (data
         ranges only when they continue each other in the node they are read from)."""
         pending: Range | None = None
         for part in self.parts:
-            for item in self._part_ranges(part):
+            for item in self._checked(part):
                 if pending is not None:
                     offset, length, kind, node, at = pending
                     if (
@@ -80,6 +97,27 @@ class Sources:
                 pending = item
         if pending is not None:
             yield pending
+
+    def _checked(self, part: Source) -> Iterator[Range]:
+        """One part's ranges; a failure names the offset (in that image) whose status was
+        asked, as qemu-img does.
+
+        Raises:
+            Fail: "error while reading block status at offset N: <reason>".
+        """
+        reached = 0
+        ranges = self._part_ranges(part)
+        while True:
+            try:
+                item = next(ranges)
+            except StopIteration:
+                return
+            except (PyfleeceError, OSError) as err:
+                raise Fail(
+                    f"error while reading block status at offset {reached}: {describe(err)}"
+                ) from err
+            reached = item[0] + item[1] - part.start
+            yield item
 
     def _part_ranges(self, part: Source) -> Iterator[Range]:
         node = part.node
@@ -107,7 +145,7 @@ class Sources:
         """Ranges of [offset, end) of one part, as its node's block status describes them."""
         node = part.node
         while offset < end:
-            ext = node.block_status(offset, end - offset)
+            ext = node.block_status(offset, min(end - offset, STATUS_STEP))
             if self.top_only and ext.depth > 0:
                 yield part.start + offset, ext.length, Kind.BACKING, None, 0
             elif ext.zero:

@@ -36,6 +36,7 @@ from pyfleece.nbd.server import NbdServer
 from pyfleece.pidfile import write_pidfile
 
 PROG = "pyfleece nbd"
+TRY_HELP = f"Try `{PROG} --help' for more information."
 
 USAGE = f"""\
 Usage: {PROG} [OPTIONS] FILE
@@ -91,6 +92,7 @@ LONG = [
 ]
 _DISCARD = {"ignore": False, "off": False, "unmap": True, "on": True}
 _CACHE = ("none", "writeback", "writethrough", "directsync", "unsafe")
+INT_MAX = (1 << 31) - 1
 
 
 class UsageError(Exception):
@@ -128,8 +130,8 @@ def parse_args(argv: list[str]) -> Config | None:
     """
     try:
         opts, args = getopt.gnu_getopt(argv, SHORT, LONG)
-    except getopt.GetoptError as err:
-        raise UsageError(_getopt_message(err), hint=True) from err
+    except getopt.GetoptError as err:  # both lines prefixed, as qemu-nbd prints them
+        raise UsageError(f"{_getopt_message(err)}\n{PROG}: {TRY_HELP}") from err
     config = Config()
     for opt, value in opts:
         if opt in ("-h", "--help"):
@@ -146,11 +148,17 @@ def parse_args(argv: list[str]) -> Config | None:
 
 
 def _getopt_message(err: getopt.GetoptError) -> str:
+    """glibc getopt's words, which qemu-nbd prints."""
+    short = len(err.opt) == 1
     if "requires argument" in err.msg:
-        return f"option requires an argument -- '{err.opt}'"
+        if short:
+            return f"option requires an argument -- '{err.opt}'"
+        return f"option '--{err.opt}' requires an argument"
     if "must not have an argument" in err.msg:
         return f"option '--{err.opt}' doesn't allow an argument"
-    return f"unrecognized option '{'-' if len(err.opt) == 1 else '--'}{err.opt}'"
+    if short:
+        return f"invalid option -- '{err.opt}'"
+    return f"unrecognized option '--{err.opt}'"
 
 
 def _apply(config: Config, opt: str, value: str) -> None:
@@ -212,7 +220,7 @@ def _shared(value: str) -> int:
         shared = int(value, 0)
     except ValueError:
         shared = -1
-    if shared < 0:
+    if not 0 <= shared <= INT_MAX:  # qemu-nbd reads an int
         raise UsageError(f"Invalid shared device number '{value}'")
     return shared
 
@@ -346,8 +354,8 @@ def _write_pid_file(path: str | None) -> None:
         return
     try:
         write_pidfile(path)
-    except OSError as err:
-        raise UsageError(f"Failed to write pid file '{path}': {err.strerror}") from err
+    except OSError as err:  # qemu-nbd's words
+        raise UsageError(f"Could not create '{path}': {os.strerror(err.errno or 5)}") from err
 
 
 def _unlink_quietly(path: str) -> None:
@@ -365,5 +373,5 @@ def main(argv: list[str]) -> int:
     except UsageError as err:
         sys.stderr.write(f"{PROG}: {err}\n")
         if err.hint:
-            sys.stderr.write(f"Try `{PROG} --help' for more information.\n")
+            sys.stderr.write(f"{TRY_HELP}\n")
         return 1
