@@ -6,8 +6,9 @@
 2. Pull of the snapshot: nbdcopy of the whole snapshot export to null:.
 
 The live disk is a 512 MiB raw file in the page cache. Each measurement uses a fresh daemon
-and a fresh temporary image; the median and the best of REPEAT runs are printed. Prints MiB/s and ratios
-(pyfleece / qsd; above 1.0 means pyfleece is faster). Not a test: the machine is shared.
+and a fresh temporary image; the median and the best of REPEAT runs are printed, in MiB/s,
+with ratios (pyfleece / qsd; above 1.0 means pyfleece is faster). Not a test: the machine
+is shared.
 """
 
 from __future__ import annotations
