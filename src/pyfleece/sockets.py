@@ -81,11 +81,13 @@ def listen_tcp(host: str, port: int, backlog: int = 128) -> list[socket.socket]:
             sock.listen(backlog)
         except OSError as err:
             sock.close()
-            errors.append(f"{addr[0]}: {os.strerror(err.errno or 5)}")
+            errors.append(os.strerror(err.errno or 5))
             continue
         socks.append(sock)
     if not socks:
-        raise ConfigError(f"Failed to bind socket to {host}:{port}: {'; '.join(errors)}")
+        # QEMU's words; the address is in the option the user gave, not repeated here.
+        reasons = "; ".join(dict.fromkeys(errors))
+        raise ConfigError(f"Failed to find an available port: {reasons}")
     return socks
 
 

@@ -103,7 +103,7 @@ class FileNode(Node):
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         if not (stat.S_ISREG(st.st_mode) or self.is_block_device):
             os.close(self.fd)
-            raise ImageError(f"'{filename}' is not a file or a block device")
+            raise ImageError(f"'file' driver requires '{filename}' to be a regular file")
         self._size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block_device else st.st_size
         self._size_lock = threading.Lock()
         self._punch_ok = not self.is_block_device

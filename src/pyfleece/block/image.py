@@ -31,17 +31,21 @@ def is_uri(name: str) -> bool:
 
 
 def probe_format(filename: str) -> str:
-    """Guesses an image's format from its first bytes: qcow2 by its magic, else raw.
+    """Guesses an image's format as qemu-img does: qcow2 needs its magic, a version of at
+    least 2 and a whole header; anything else is raw.
 
     Raises:
-        ImageError: the file cannot be read.
+        ImageError: the file cannot be read (QEMU's words for a directory).
     """
     try:
         with open(filename, "rb") as f:
-            head = f.read(4)
+            head = f.read(2048)
+    except IsADirectoryError as err:
+        raise ImageError(f"'file' driver requires '{filename}' to be a regular file") from err
     except OSError as err:
         raise ImageError(f"Could not open '{filename}': {os.strerror(err.errno or 5)}") from err
-    return "qcow2" if head == QCOW2_MAGIC else "raw"
+    version = int.from_bytes(head[4:8], "big")
+    return "qcow2" if len(head) >= 112 and head[:4] == QCOW2_MAGIC and version >= 2 else "raw"
 
 
 def protocol_options(filename: str) -> dict[str, Any]:

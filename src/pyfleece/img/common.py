@@ -18,10 +18,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pyfleece.block.image import QCOW2_MAGIC, is_uri, open_image
+from pyfleece.block.image import is_uri, open_image, probe_format
 from pyfleece.block.locking import LockConflict
 from pyfleece.block.node import Node
-from pyfleece.errors import BlockError, ImageError, PyfleeceError
+from pyfleece.errors import BlockError, PyfleeceError
 
 PROG = "pyfleece img"
 TRY_HELP = f"Try '{PROG} --help' for more information"
@@ -197,18 +197,6 @@ def _block(opening: str, closing: str, items: list[str], level: int) -> str:
 # -- opening images ------------------------------------------------------------------------
 
 
-def probe(filename: str) -> str | None:
-    """The format qemu-img would detect: qcow2 needs its magic, a version of at least 2
-    and a whole header; anything else is raw. None for names that are not files."""
-    if filename.startswith("json:") or is_uri(filename):
-        return None
-    with open(filename, "rb") as f:
-        head = f.read(2048)
-    if len(head) >= 112 and head[:4] == QCOW2_MAGIC and int.from_bytes(head[4:8], "big") >= 2:
-        return "qcow2"
-    return "raw"
-
-
 def open_node(
     filename: str,
     fmt: str | None,
@@ -225,11 +213,8 @@ def open_node(
     Raises:
         PyfleeceError, OSError: the image cannot be opened.
     """
-    if fmt is None:
-        try:
-            fmt = probe(filename)
-        except OSError as err:
-            raise ImageError(f"Could not open '{filename}': {os.strerror(err.errno or 5)}") from err
+    if fmt is None and not (filename.startswith("json:") or is_uri(filename)):
+        fmt = probe_format(filename)
     extra: dict[str, Any] | None = None
     if no_backing and fmt == "qcow2":
         extra = {"backing": None}
